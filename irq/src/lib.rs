@@ -1,0 +1,10 @@
+//! Interrupt delivery for blkswarm devices.
+//!
+//! Devices raise interrupts through small handles defined here and never talk to KVM themselves,
+//! so device models stay testable without a VM. This issue provides legacy lines (an eventfd
+//! bound to a GSI of the in-kernel IOAPIC through KVM irqfd); MSI-X routing builds on the same
+//! irqfd mechanism.
+
+pub mod line;
+
+pub use line::{IrqLine, LineTrigger};

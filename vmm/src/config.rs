@@ -1,0 +1,292 @@
+//! Command line of the `blkswarm` binary, in Cloud Hypervisor's idiom: `--cpus boot=2,max=8`,
+//! `--memory size=1G`, one option per concern, each taking a `key=value` list.
+
+use std::path::PathBuf;
+
+/// Upper bound on vCPUs: the MADT uses xAPIC entries (8-bit APIC ids, 0xff is broadcast).
+pub const MAX_VCPUS: u32 = 254;
+/// Default guest RAM when `--memory` is not given.
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+/// Guests smaller than this cannot hold the kernel, its decompression buffer and an initramfs.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// vCPUs online at boot.
+    pub boot: u32,
+    /// vCPUs the guest may ever see (present + hot-pluggable): its `possible` mask.
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: CpuConfig,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(VmConfig),
+    Help,
+    Version,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("unknown option {0:?} (see --help)")]
+    UnknownOption(String),
+    #[error("option {0} needs a value")]
+    MissingValue(String),
+    #[error("--kernel is required")]
+    MissingKernel,
+    #[error("{option}: unknown key {key:?}")]
+    UnknownKey { option: String, key: String },
+    #[error("{option}: {key}={value:?} is not valid: {why}")]
+    BadValue {
+        option: String,
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("--cpus: boot={boot} and max={max} need 1 <= boot <= max <= {MAX_VCPUS}")]
+    BadCpuCount { boot: u32, max: u32 },
+    #[error("--memory: {0} bytes is below the minimum of {MIN_MEMORY_BYTES}")]
+    MemoryTooSmall(u64),
+}
+
+pub const USAGE: &str = "\
+usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
+                [--cpus boot=N[,max=M]] [--memory size=SIZE]
+
+  --kernel PATH          bzImage to boot directly (no firmware)
+  --initramfs PATH       initramfs handed to the kernel
+  --cmdline STR          kernel command line
+  --cpus boot=N,max=M    N vCPUs online at boot, M possible (default boot=1, max=boot)
+  --memory size=SIZE     guest RAM, e.g. 512M or 2G (default 512M)
+
+The guest's serial console (COM1) is stdout. VMM messages go to stderr; machine-readable
+ones start with '@@vmm '. Exit status: 0 guest powered off, 1 VMM error, 2 guest reset,
+3 guest fault (triple fault, KVM internal error, failed entry).
+";
+
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
+    let mut kernel = None;
+    let mut initramfs = None;
+    let mut cmdline = String::new();
+    let mut cpus = None;
+    let mut memory_bytes = DEFAULT_MEMORY_BYTES;
+
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (name, inline_value) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline_value
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| ConfigError::MissingValue(name.clone()))
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
+            "--cmdline" => cmdline = value()?,
+            "--cpus" => cpus = Some(parse_cpus(&value()?)?),
+            "--memory" => memory_bytes = parse_memory(&value()?)?,
+            _ => return Err(ConfigError::UnknownOption(arg)),
+        }
+    }
+    Ok(Command::Run(VmConfig {
+        kernel: kernel.ok_or(ConfigError::MissingKernel)?,
+        initramfs,
+        cmdline,
+        cpus: cpus.unwrap_or(CpuConfig { boot: 1, max: 1 }),
+        memory_bytes,
+    }))
+}
+
+/// Splits `k1=v1,k2=v2` into pairs; a bare word is a key with an empty value.
+fn key_values(list: &str) -> impl Iterator<Item = (&str, &str)> {
+    list.split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| item.split_once('=').unwrap_or((item, "")))
+}
+
+fn bad_value(option: &str, key: &str, value: &str, why: impl ToString) -> ConfigError {
+    ConfigError::BadValue {
+        option: option.into(),
+        key: key.into(),
+        value: value.into(),
+        why: why.to_string(),
+    }
+}
+
+fn parse_cpus(list: &str) -> Result<CpuConfig, ConfigError> {
+    let mut boot = 1;
+    let mut max = None;
+    for (key, value) in key_values(list) {
+        let number = || {
+            value
+                .parse::<u32>()
+                .map_err(|e| bad_value("--cpus", key, value, e))
+        };
+        match key {
+            "boot" => boot = number()?,
+            "max" => max = Some(number()?),
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    option: "--cpus".into(),
+                    key: key.into(),
+                })
+            }
+        }
+    }
+    let max = max.unwrap_or(boot);
+    if boot == 0 || boot > max || max > MAX_VCPUS {
+        return Err(ConfigError::BadCpuCount { boot, max });
+    }
+    Ok(CpuConfig { boot, max })
+}
+
+fn parse_memory(list: &str) -> Result<u64, ConfigError> {
+    let mut size = DEFAULT_MEMORY_BYTES;
+    for (key, value) in key_values(list) {
+        match key {
+            "size" => {
+                size = parse_size(value).ok_or_else(|| {
+                    bad_value("--memory", key, value, "expected a size like 512M or 2G")
+                })?
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    option: "--memory".into(),
+                    key: key.into(),
+                })
+            }
+        }
+    }
+    if size < MIN_MEMORY_BYTES {
+        return Err(ConfigError::MemoryTooSmall(size));
+    }
+    Ok(size)
+}
+
+/// Parses `4096`, `64K`, `512M`, `2G` or `1T` (binary units) into bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 10),
+        (i, 'M' | 'm') => (&text[..i], 20),
+        (i, 'G' | 'g') => (&text[..i], 30),
+        (i, 'T' | 't') => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().ok()?;
+    number.checked_mul(1u64 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, ConfigError> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    fn run(args: &[&str]) -> VmConfig {
+        match parse(args).unwrap() {
+            Command::Run(config) => config,
+            other => panic!("expected a run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_command_line() {
+        let config = run(&[
+            "--kernel",
+            "/k",
+            "--initramfs=/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2,max=8",
+            "--memory",
+            "size=1G",
+        ]);
+        assert_eq!(config.kernel, PathBuf::from("/k"));
+        assert_eq!(config.initramfs, Some(PathBuf::from("/i")));
+        assert_eq!(config.cmdline, "console=ttyS0 quiet");
+        assert_eq!(config.cpus, CpuConfig { boot: 2, max: 8 });
+        assert_eq!(config.memory_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn defaults() {
+        let config = run(&["--kernel", "/k"]);
+        assert_eq!(config.cpus, CpuConfig { boot: 1, max: 1 });
+        assert_eq!(config.memory_bytes, DEFAULT_MEMORY_BYTES);
+        assert_eq!(config.initramfs, None);
+        assert_eq!(run(&["--kernel", "/k", "--cpus", "boot=4"]).cpus.max, 4);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(parse(&[]), Err(ConfigError::MissingKernel));
+        assert_eq!(
+            parse(&["--kernel"]),
+            Err(ConfigError::MissingValue("--kernel".into()))
+        );
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--frobnicate"]),
+            Err(ConfigError::UnknownOption(_))
+        ));
+        for cpus in ["boot=0", "boot=3,max=2", "boot=1,max=255"] {
+            assert!(
+                matches!(
+                    parse(&["--kernel", "/k", "--cpus", cpus]),
+                    Err(ConfigError::BadCpuCount { .. })
+                ),
+                "{cpus}"
+            );
+        }
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--cpus", "boot=x"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--cpus", "sockets=2"]),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--memory", "size=lots"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert_eq!(
+            parse(&["--kernel", "/k", "--memory", "size=1M"]),
+            Err(ConfigError::MemoryTooSmall(1 << 20))
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("512m"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("G"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(&["--help"]), Ok(Command::Help));
+        assert_eq!(parse(&["--kernel", "/k", "-V"]), Ok(Command::Version));
+    }
+}

@@ -1,0 +1,218 @@
+//! VM lifecycle: KVM objects, guest memory, devices, vCPU threads, and the reason the VM ended.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::{power, serial, AcpiPowerDevice, PowerEvent, SerialConsole};
+use devices::Bus;
+use irq::IrqLine;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::boot::{self, BootError};
+use crate::config::VmConfig;
+use crate::cpuid::{self, VcpuIdentity};
+use crate::layout;
+use crate::vcpu::{self, VcpuContext, VcpuError};
+
+/// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
+const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+/// Why the guest stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest entered ACPI S5 (`poweroff`).
+    PowerOff,
+    /// The guest asked for a reset (`reboot`, or `panic=-1` after a panic).
+    Reset,
+    /// The guest cannot go on.
+    Fault { vcpu: u32, cause: String },
+}
+
+impl VmExit {
+    /// The process exit status for this outcome (documented in `--help`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::PowerOff => 0,
+            VmExit::Reset => 2,
+            VmExit::Fault { .. } => 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks {0:?}, which blkswarm needs")]
+    MissingCapability(Cap),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {bytes} bytes of guest memory: {source}")]
+    Memory {
+        bytes: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("boot: {0}")]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Capabilities every blkswarm VM relies on.
+const REQUIRED_CAPS: [Cap; 5] = [
+    Cap::Irqchip,
+    Cap::Irqfd,
+    Cap::Ioeventfd,
+    Cap::UserMemory,
+    Cap::ExtCpuid,
+];
+
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (start, len as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory {
+        bytes: size,
+        source,
+    })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live anonymous mapping owned by `memory`, which outlives the
+        // VM (both are dropped only when the process exits), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(memory)
+}
+
+/// Boots the guest described by `config` and returns once it stops.
+pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
+        return Err(VmError::MissingCapability(cap));
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    // The PIT calibrates timers early in boot; its speaker port is not emulated.
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let memory = create_memory(&vm, config.memory_bytes)?;
+    let tables = acpi::write_acpi_tables(
+        &memory,
+        &AcpiConfig {
+            boot_cpus: config.cpus.boot,
+            max_cpus: config.cpus.max,
+        },
+    )?;
+    let entry = boot::load_linux(
+        &memory,
+        config.memory_bytes,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &config.cmdline,
+        tables.rsdp_addr,
+    )?;
+
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let mut pio = Bus::new();
+    let com1_irq = IrqLine::new(serial::COM1_GSI).map_err(|e| VmError::Device(e.to_string()))?;
+    com1_irq
+        .attach(&vm)
+        .map_err(|e| VmError::Device(format!("COM1 irqfd: {e}")))?;
+    let console = Arc::new(Mutex::new(SerialConsole::new(com1_irq, std::io::stdout())));
+    pio.insert(serial::COM1_PORT, serial::UART_PORT_COUNT, console.clone())
+        .map_err(|e| VmError::Device(e.to_string()))?;
+    let power_tx = exit_tx.clone();
+    let power_device = AcpiPowerDevice::new(Box::new(move |event| {
+        let _ = power_tx.send(match event {
+            PowerEvent::PowerOff => VmExit::PowerOff,
+            PowerEvent::Reset => VmExit::Reset,
+        });
+    }));
+    pio.insert(
+        power::SLEEP_PORT,
+        power::POWER_PORT_COUNT,
+        Arc::new(Mutex::new(power_device)),
+    )
+    .map_err(|e| VmError::Device(e.to_string()))?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    let supported = kvm
+        .get_supported_cpuid(MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    for index in 0..config.cpus.boot {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut entries = supported.as_slice().to_vec();
+        cpuid::adjust_for_vcpu(
+            &mut entries,
+            VcpuIdentity {
+                apic_id: index,
+                max_cpus: config.cpus.max,
+            },
+        );
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| VmError::Device(format!("CPUID table: {e:?}")))?;
+        vcpu::configure(&fd, index, &cpuid, (index == 0).then_some(entry))?;
+        let ctx = VcpuContext {
+            index,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exits: exit_tx.clone(),
+            launched: (index == 0).then_some(launched),
+        };
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu::run(fd, ctx))
+            .map_err(VmError::Thread)?;
+    }
+    drop(exit_tx);
+
+    let exit = exit_rx.recv().unwrap_or(VmExit::Fault {
+        vcpu: 0,
+        cause: "every vCPU thread ended without a reason".into(),
+    });
+    if let Ok(mut console) = console.lock() {
+        let _ = console.flush();
+    }
+    let _ = std::io::stdout().flush();
+    Ok(exit)
+}
