@@ -653,6 +653,22 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_com1_with_its_interrupt() {
+        let p = write_and_parse(1, 1);
+        let body = &p.dsdt[36..];
+        let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"COM1"), "no COM1 device in {body:x?}");
+        // EISAName("PNP0501") compresses to 0x41D00501, stored big-endian.
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x05, 0x01]), "no PNP0501 _HID");
+        // I/O port descriptor: decode16, min = max = 0x3f8, alignment 1, 8 ports.
+        assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, GSI 4.
+        assert!(contains(&[
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00
+        ]));
+    }
+
+    #[test]
     fn dsdt_has_s5() {
         let p = write_and_parse(1, 1);
         let dsdt = &p.dsdt;

@@ -1,0 +1,224 @@
+//! The `blkswarm` binary against tiny hand-assembled "kernels": a bzImage header followed by a
+//! few instructions at the 64-bit entry point. Such code runs on any KVM, including the
+//! software-only one on machines without VMX/SVM, so these tests check the VMM's boot contract
+//! (long mode, RSI -> zero page, command line, e820) and every exit path without the lab.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A bzImage of boot protocol 2.15 whose 64-bit entry (load address + 0x200) runs `code`.
+fn bzimage(code: &[u8]) -> Vec<u8> {
+    let setup_sects = 1u8;
+    let mut image = vec![0u8; 512 * (usize::from(setup_sects) + 1)];
+    let put16 =
+        |img: &mut Vec<u8>, at: usize, v: u16| img[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    image[0x1f1] = setup_sects;
+    put16(&mut image, 0x1fe, 0xaa55); // boot_flag
+    put32(&mut image, 0x202, 0x5372_6448); // "HdrS"
+    put16(&mut image, 0x206, 0x020f); // protocol version
+    image[0x211] = 0x1; // loadflags: LOADED_HIGH
+    put32(&mut image, 0x214, 0x10_0000); // code32_start
+    put32(&mut image, 0x22c, 0x7fff_ffff); // initrd_addr_max
+    put32(&mut image, 0x230, 0x20_0000); // kernel_alignment
+    put16(&mut image, 0x236, 0x1); // xloadflags: XLF_KERNEL_64
+    put32(&mut image, 0x238, 2048); // cmdline_size
+    put32(&mut image, 0x260, 0x10_0000); // init_size
+    image.extend_from_slice(&[0u8; 0x200]);
+    image.extend_from_slice(code);
+    image
+}
+
+/// `mov al, 0x34; mov dx, 0x600; out dx, al`: ACPI S5 through the sleep control register.
+const POWEROFF: &[u8] = &[0xb0, 0x34, 0x66, 0xba, 0x00, 0x06, 0xee];
+/// `mov al, 1; mov dx, 0x601; out dx, al`: the FADT reset register.
+const RESET: &[u8] = &[0xb0, 0x01, 0x66, 0xba, 0x01, 0x06, 0xee];
+/// `hlt`, to stop if an exit did not happen.
+const HALT: &[u8] = &[0xf4];
+
+fn program(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// Prints the command line the zero page points at, then the e820 entry count as a digit,
+/// then a newline, to COM1.
+fn print_boot_params() -> Vec<u8> {
+    program(&[
+        &[0x8b, 0xbe, 0x28, 0x02, 0x00, 0x00], // mov edi, [rsi + 0x228]  (hdr.cmd_line_ptr)
+        &[0x66, 0xba, 0xf8, 0x03],             // mov dx, 0x3f8
+        &[0x8a, 0x07],                         // loop: mov al, [rdi]
+        &[0x84, 0xc0],                         // test al, al
+        &[0x74, 0x06],                         // jz after_loop
+        &[0xee],                               // out dx, al
+        &[0x48, 0xff, 0xc7],                   // inc rdi
+        &[0xeb, 0xf4],                         // jmp loop
+        &[0xb0, b' ', 0xee],                   // after_loop: out ' '
+        &[0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00], // mov al, [rsi + 0x1e8]  (e820_entries)
+        &[0x04, b'0', 0xee],                   // add al, '0'; out
+        &[0xb0, b'\n', 0xee],                  // out '\n'
+    ])
+}
+
+fn blkswarm() -> &'static str {
+    env!("CARGO_BIN_EXE_blkswarm")
+}
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "these tests boot tiny guests with KVM and need /dev/kvm, which cannot be opened: {e}"
+        );
+    }
+}
+
+struct TinyGuest {
+    dir: PathBuf,
+}
+
+impl TinyGuest {
+    fn new(name: &str, code: &[u8]) -> Self {
+        let dir = std::env::temp_dir().join(format!("blkswarm-tiny-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kernel"), bzimage(code)).unwrap();
+        TinyGuest { dir }
+    }
+
+    fn kernel(&self) -> PathBuf {
+        self.dir.join("kernel")
+    }
+
+    fn run(&self, extra: &[&str]) -> Output {
+        require_kvm();
+        run_vmm(&self.kernel(), extra)
+    }
+}
+
+impl Drop for TinyGuest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run_vmm(kernel: &Path, extra: &[&str]) -> Output {
+    Command::new(blkswarm())
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", "size=128M"])
+        .args(extra)
+        .output()
+        .expect("blkswarm runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn poweroff_exits_zero() {
+    let guest = TinyGuest::new("poweroff", &program(&[POWEROFF, HALT]));
+    let out = guest.run(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stderr.contains("@@vmm exit reason=poweroff code=0"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("@@vmm first_run_us="), "{stderr}");
+}
+
+#[test]
+fn poweroff_with_application_processors_waiting() {
+    // The APs wait for INIT/SIPI that never comes; the boot vCPU's poweroff still ends the VM.
+    let guest = TinyGuest::new("poweroff-smp", &program(&[POWEROFF, HALT]));
+    let out = guest.run(&["--cpus", "boot=4,max=8"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn reset_exits_two() {
+    let guest = TinyGuest::new("reset", &program(&[RESET, HALT]));
+    let out = guest.run(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("reason=reset"), "{stderr}");
+}
+
+#[test]
+fn triple_fault_exits_three_and_names_the_cause() {
+    // ud2 with an empty IDT: #UD cannot be delivered, nor can #DF, so the CPU shuts down.
+    let guest = TinyGuest::new("triple", &[0x0f, 0x0b]);
+    let out = guest.run(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains("triple fault"), "{stderr}");
+    assert!(stderr.contains("reason=fault"), "{stderr}");
+}
+
+#[test]
+fn guest_sees_command_line_and_e820_through_the_zero_page() {
+    let guest = TinyGuest::new(
+        "bootparams",
+        &program(&[&print_boot_params(), POWEROFF, HALT]),
+    );
+    let out = guest.run(&["--cmdline", "console=ttyS0 blkswarm.scenario=boot"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    // 128 MiB: low RAM, the reserved EBDA..1 MiB hole, RAM from 1 MiB.
+    assert_eq!(
+        text(&out.stdout),
+        "console=ttyS0 blkswarm.scenario=boot 3\n"
+    );
+}
+
+#[test]
+fn guest_above_4g_gets_a_fourth_e820_entry() {
+    let guest = TinyGuest::new(
+        "bootparams-4g",
+        &program(&[&print_boot_params(), POWEROFF, HALT]),
+    );
+    let out = guest.run(&["--memory", "size=4G", "--cmdline", "x"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "x 4\n");
+}
+
+#[test]
+fn setup_errors_exit_one_with_a_message() {
+    require_kvm();
+    let missing = run_vmm(Path::new("/nonexistent/kernel"), &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("cannot open /nonexistent/kernel"));
+
+    let guest = TinyGuest::new("not-a-kernel", &[]);
+    std::fs::write(guest.kernel(), b"not a bzImage").unwrap();
+    let garbage = run_vmm(&guest.kernel(), &[]);
+    assert_eq!(garbage.status.code(), Some(1));
+    assert!(
+        text(&garbage.stderr).contains("cannot load the kernel"),
+        "{}",
+        text(&garbage.stderr)
+    );
+
+    let too_long = "x".repeat(4096);
+    let guest = TinyGuest::new("long-cmdline", &program(&[POWEROFF]));
+    let out = guest.run(&["--cmdline", &too_long]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("command line is 4096 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_options_exit_one_before_touching_kvm() {
+    let out = Command::new(blkswarm())
+        .args(["--kernel", "/k", "--cpus", "boot=3,max=2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("boot=3 and max=2"));
+}
