@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# Build the blkswarm test guest (L2) and the lab (L1) images from Debian packages.
+#
+# Everything goes into the git-ignored cache ${BLKSWARM_CACHE:-<repo>/.cache}; see
+# guests/README.md for the layout. Idempotent: a re-run with a complete cache downloads
+# nothing and takes about a second. Every artifact is built in a temporary directory
+# inside the cache and moved into place atomically, so an interrupted run never leaves a
+# half-built artifact that a later run would trust.
+#
+# Environment:
+#   BLKSWARM_CACHE         cache directory (default: <repo>/.cache)
+#   BLKSWARM_KERNEL_VERSION  kernel to use (default: 6.12.117+deb12-amd64; if apt no
+#                          longer has it, the newest 6.12 unsigned amd64 image is used)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+GUESTS="$REPO/guests"
+CACHE=${BLKSWARM_CACHE:-$REPO/.cache}
+WANT_KVER=${BLKSWARM_KERNEL_VERSION:-6.12.117+deb12-amd64}
+
+# Modules (plus what `modprobe --show-depends` adds) per initramfs.
+GUEST_MODULES="virtio_blk nvme"
+LAB_MODULES="kvm-amd"
+
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+# Quiet apt, no "_apt cannot access" sandbox warnings for downloads into the cache.
+APT_OPTS=(-q -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0)
+
+step() { printf '[build] %-18s %s\n' "$1" "$2"; }
+die() { printf '[build] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (apt-get, mknod)"
+mkdir -p "$CACHE"
+
+# One build at a time per cache (tests may call this script concurrently): the others
+# wait, then find everything cached.
+exec 9>"$CACHE/.lock"
+flock 9
+
+# Temporary work dirs live inside the cache (same file system: mv is atomic). With the
+# lock held, every .tmp.* is ours or a leftover of a killed run: remove them at start
+# and on exit.
+cleanup() { rm -rf "$CACHE"/.tmp.* "$CACHE"/.old.* "$CACHE"/*/*.tmp.* "$CACHE"/*/.*.tmp; }
+trap cleanup EXIT
+cleanup
+mktmp() { local d; d=$(mktemp -d "$CACHE/.tmp.$1.XXXXXX"); chmod 755 "$d"; echo "$d"; }
+
+# Replace directory $2 with directory $1 atomically enough: the old one is moved aside
+# first, so $2 is either the complete old or the complete new tree.
+replace_dir() {
+    local new=$1 dst=$2 old
+    if [ -e "$dst" ]; then old="$CACHE/.old.$(basename "$dst").$$"; mv "$dst" "$old"; fi
+    mv "$new" "$dst"
+    if [ -n "${old:-}" ]; then rm -rf "$old"; fi
+}
+# Write stdin to file $1 atomically.
+put_file() { local t; t=$(mktemp "$1.tmp.XXXXXX"); cat >"$t"; chmod 644 "$t"; mv -f "$t" "$1"; }
+
+APT_UPDATED=0
+apt_update_once() {
+    [ "$APT_UPDATED" = 1 ] && return 0
+    apt-get "${APT_OPTS[@]}" update >/dev/null
+    APT_UPDATED=1
+}
+
+# ---------------------------------------------------------------------------------
+# 1. Host tools
+# ---------------------------------------------------------------------------------
+host_tools() {
+    local need=() pkg cmd
+    for pair in kmod:depmod cpio:cpio xz-utils:xz zstd:zstd gzip:gzip; do
+        pkg=${pair%%:*}; cmd=${pair#*:}
+        command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+    done
+    if [ ${#need[@]} -eq 0 ]; then step host-tools "cached (kmod cpio xz zstd gzip present)"; return; fi
+    if ! apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
+        apt_update_once
+        apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${need[@]}" >/dev/null
+    fi
+    step host-tools "installed ${need[*]}"
+}
+
+# The mirror URI of the apt stanza whose Suites has exactly the word $1, from the
+# machine's own deb822 sources (or the classic one-line sources.list as a fallback).
+mirror_uri() {
+    local want=$1 uri=""
+    shopt -s nullglob
+    local files=(/etc/apt/sources.list.d/*.sources)
+    shopt -u nullglob
+    if [ ${#files[@]} -gt 0 ]; then
+        uri=$(awk -v want="$want" '
+            BEGIN { RS = "" }
+            {
+                uris = ""; suites = ""
+                n = split($0, L, "\n")
+                for (i = 1; i <= n; i++) {
+                    if (L[i] ~ /^URIs:/)   { s = L[i]; sub(/^URIs:[ \t]*/, "", s); uris = s }
+                    if (L[i] ~ /^Suites:/) { s = L[i]; sub(/^Suites:[ \t]*/, "", s); suites = s }
+                }
+                ns = split(suites, S, /[ \t]+/)
+                for (j = 1; j <= ns; j++) if (S[j] == want) { split(uris, U, /[ \t]+/); print U[1]; exit }
+            }' "${files[@]}")
+    fi
+    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+        uri=$(awk -v want="$want" '$1 == "deb" { u = ""; for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; continue } if (u == "") { u = $i; continue } if ($i == want) { print u; exit } break } }' /etc/apt/sources.list)
+    fi
+    printf '%s\n' "$uri"
+}
+
+qemu_major() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }
+    qemu-system-x86_64 --version | sed -n '1s/.*version \([0-9][0-9]*\)\..*/\1/p' | grep . || echo 0
+}
+
+install_qemu() {
+    local major; major=$(qemu_major)
+    if [ "$major" -ge 10 ]; then
+        step qemu "cached ($(qemu-system-x86_64 --version | head -1))"
+        return
+    fi
+    local main sec dir
+    main=$(mirror_uri bookworm)
+    [ -n "$main" ] || die "no apt source with suite 'bookworm' found in /etc/apt"
+    sec=$(mirror_uri bookworm-security)
+    dir="$CACHE/apt"
+    mkdir -p "$dir/lists/partial"
+    {
+        echo "deb [signed-by=$KEYRING] $main bookworm main"
+        echo "deb [signed-by=$KEYRING] $main bookworm-updates main"
+        echo "deb [signed-by=$KEYRING] $main bookworm-backports main"
+        if [ -n "$sec" ]; then echo "deb [signed-by=$KEYRING] $sec bookworm-security main"; fi
+    } | put_file "$dir/sources.list"
+    local priv=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$dir/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
+    apt-get "${APT_OPTS[@]}" "${priv[@]}" update >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" "${priv[@]}" install -y \
+        --no-install-recommends -t bookworm-backports qemu-system-x86 >"$dir/install.log" 2>&1 \
+        || { tail -20 "$dir/install.log" >&2; die "qemu-system-x86 install from bookworm-backports failed"; }
+    hash -r
+    major=$(qemu_major)
+    [ "$major" -ge 10 ] || die "installed qemu-system-x86_64 is not 10.x: $(qemu-system-x86_64 --version | head -1)"
+    step qemu "installed from bookworm-backports: $(qemu-system-x86_64 --version | head -1)"
+}
+
+# ---------------------------------------------------------------------------------
+# 2. Debian packages: download + extract (kernel, busybox)
+# ---------------------------------------------------------------------------------
+# Download package $1 into $CACHE/debs (apt-get update once if apt does not know it).
+download_deb() {
+    local pkg=$1 f
+    mkdir -p "$CACHE/debs"
+    f=$(ls "$CACHE/debs/${pkg}"_*.deb 2>/dev/null | head -1 || true)
+    if [ -n "$f" ]; then echo "$f"; return; fi
+    local t; t=$(mktmp deb)
+    if ! (cd "$t" && apt-get "${APT_OPTS[@]}" download "$pkg" >/dev/null 2>&1); then
+        apt_update_once
+        (cd "$t" && apt-get "${APT_OPTS[@]}" download "$pkg" >/dev/null)
+    fi
+    f=$(ls "$t/${pkg}"_*.deb | head -1)
+    mv "$f" "$CACHE/debs/"
+    echo "$CACHE/debs/$(basename "$f")"
+}
+
+apt_has() { apt-cache show "$1" >/dev/null 2>&1; }
+
+# Decide which kernel package to use: the wanted one, else the newest 6.12 unsigned.
+resolve_kernel() {
+    if apt_has "linux-image-$WANT_KVER"; then echo "linux-image-$WANT_KVER $WANT_KVER"; return; fi
+    apt_update_once
+    if apt_has "linux-image-$WANT_KVER"; then echo "linux-image-$WANT_KVER $WANT_KVER"; return; fi
+    local pkg
+    pkg=$(apt-cache pkgnames linux-image-6.12 | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' | sort -V | tail -1)
+    [ -n "$pkg" ] || die "no linux-image-6.12*-amd64-unsigned package known to apt"
+    local v=${pkg#linux-image-}; v=${v%-unsigned}
+    echo "$pkg $v"
+}
+
+KVER=""
+KROOT="$CACHE/kernel/root"
+kernel() {
+    if [ -f "$CACHE/kernel/.complete" ] && [ -f "$CACHE/guest/vmlinuz" ] && [ -s "$CACHE/guest/kernel-version" ]; then
+        KVER=$(cat "$CACHE/guest/kernel-version")
+        if [ -f "$KROOT/lib/modules/$KVER/modules.dep" ]; then
+            step kernel "cached ($KVER)"
+            return
+        fi
+    fi
+    local pkg deb t
+    read -r pkg KVER < <(resolve_kernel)
+    deb=$(download_deb "$pkg")
+    t=$(mktmp kernel)
+    dpkg -x "$deb" "$t/root"
+    local vml; vml=$(ls "$t/root/boot/vmlinuz-"* | head -1)
+    [ -f "$vml" ] || die "no boot/vmlinuz-* in $deb"
+    depmod -b "$t/root" "$KVER"
+    : >"$t/.complete"
+    mkdir -p "$CACHE/guest"
+    rm -f "$CACHE/guest/kernel-version"
+    replace_dir "$t" "$CACHE/kernel"
+    cp "$KROOT/boot/vmlinuz-$KVER" "$CACHE/guest/.vmlinuz.tmp" && mv -f "$CACHE/guest/.vmlinuz.tmp" "$CACHE/guest/vmlinuz"
+    echo "$KVER" | put_file "$CACHE/guest/kernel-version"
+    step kernel "extracted $(basename "$deb"), depmod done ($KVER)"
+}
+
+lab_kernel() {
+    mkdir -p "$CACHE/lab"
+    if [ -f "$CACHE/lab/l1-vmlinuz" ] && cmp -s "$CACHE/lab/l1-vmlinuz" "$CACHE/guest/vmlinuz"; then
+        step lab-kernel "cached (same kernel as the guest)"
+        return
+    fi
+    cp "$CACHE/guest/vmlinuz" "$CACHE/lab/.l1-vmlinuz.tmp" && mv -f "$CACHE/lab/.l1-vmlinuz.tmp" "$CACHE/lab/l1-vmlinuz"
+    step lab-kernel "copied guest kernel to lab/l1-vmlinuz"
+}
+
+BUSYBOX="$CACHE/busybox/bin/busybox"
+busybox() {
+    if [ -f "$CACHE/busybox/.complete" ] && [ -x "$BUSYBOX" ]; then
+        step busybox "cached ($(cat "$CACHE/busybox/.version"))"
+        return
+    fi
+    local deb t
+    deb=$(download_deb busybox-static)
+    t=$(mktmp busybox)
+    dpkg -x "$deb" "$t/pkg"
+    mkdir -p "$t/out/bin"
+    cp "$t/pkg/bin/busybox" "$t/out/bin/busybox"
+    dpkg-deb -f "$deb" Version >"$t/out/.version"
+    : >"$t/out/.complete"
+    replace_dir "$t/out" "$CACHE/busybox"
+    step busybox "extracted $(basename "$deb")"
+}
+
+# ---------------------------------------------------------------------------------
+# 3. Initramfs images
+# ---------------------------------------------------------------------------------
+# Module files (absolute, .ko.xz) for modules $@, in load order, deduplicated.
+module_files() {
+    local m
+    for m in "$@"; do
+        modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
+    done | awk '!seen[$0]++'
+}
+
+# make_initramfs NAME INIT_SCRIPT OUTPUT MODULES...
+# Staging tree: busybox + applet links, /dev/console, decompressed modules in
+# /lib/modules/*.ko with their load order in /etc/modules, and /init.
+make_initramfs() {
+    local name=$1 init=$2 out=$3; shift 3
+    local t root f base
+    t=$(mktmp "$name")
+    root="$t/root"
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root,lib/modules}
+    cp "$BUSYBOX" "$root/bin/busybox"
+    "$BUSYBOX" --list-full | while read -r f; do
+        [ "$f" = bin/busybox ] || ln -sf /bin/busybox "$root/$f"
+    done
+    mknod -m 600 "$root/dev/console" c 5 1
+    mknod -m 666 "$root/dev/null" c 1 3
+    : >"$root/etc/modules"
+    for f in $(module_files "$@"); do
+        base=$(basename "$f"); base=${base%.xz}; base=${base%.zst}; base=${base%.gz}
+        case $f in
+            *.xz)  xz -dc "$f" >"$root/lib/modules/$base" ;;
+            *.zst) zstd -qdc "$f" >"$root/lib/modules/$base" ;;
+            *.gz)  gzip -dc "$f" >"$root/lib/modules/$base" ;;
+            *)     cp "$f" "$root/lib/modules/$base" ;;
+        esac
+        echo "${base%.ko}" >>"$root/etc/modules"
+    done
+    echo "$KVER" >"$root/etc/kernel-version"
+    install -m 755 "$init" "$root/init"
+    find "$root" -exec touch -h -d @0 {} +   # reproducible archive
+    (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
+        | cpio --null -o -H newc --owner=0:0 --reproducible --quiet) | gzip -9n >"$t/out.cpio.gz"
+    # Zero-pad to a multiple of 4 bytes: the kernel accepts an uncompressed newc archive
+    # appended after a compressed one only at a 4-byte-aligned offset ("invalid magic at
+    # start of compressed archive" otherwise); zero bytes between archives are skipped.
+    local size; size=$(stat -c %s "$t/out.cpio.gz")
+    head -c $(( (4 - size % 4) % 4 )) /dev/zero >>"$t/out.cpio.gz"
+    mv -f "$t/out.cpio.gz" "$out"
+    MODLIST=$(tr '\n' ' ' <"$root/etc/modules")
+}
+
+# Rebuild $out when its stamp (hash of the init script, kernel, busybox, module list
+# and this build function) differs.
+initramfs_step() {
+    local label=$1 init=$2 out=$3; shift 3
+    local stamp="$out.stamp" want
+    want=$( { cat "$init"; echo "$KVER"; cat "$CACHE/busybox/.version"; echo "$*";
+              declare -f make_initramfs module_files; } | sha256sum | cut -d' ' -f1)
+    if [ -f "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        step "$label" "cached ($(basename "$out"), $(du -k "$out" | cut -f1) KiB)"
+        return
+    fi
+    mkdir -p "$(dirname "$out")"
+    rm -f "$stamp"
+    MODLIST=""
+    make_initramfs "$label" "$init" "$out" "$@"
+    echo "$want" | put_file "$stamp"
+    step "$label" "built $(basename "$out") ($(du -k "$out" | cut -f1) KiB; modules: ${MODLIST% })"
+}
+
+host_tools
+install_qemu
+kernel
+lab_kernel
+busybox
+initramfs_step guest-initramfs "$GUESTS/guest-init.sh" "$CACHE/guest/initramfs.cpio.gz" $GUEST_MODULES
+initramfs_step lab-initramfs "$GUESTS/lab-init.sh" "$CACHE/lab/l1-base.cpio.gz" $LAB_MODULES

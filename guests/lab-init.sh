@@ -1,0 +1,77 @@
+#!/bin/sh
+# blkswarm lab (L1) /init (busybox sh). Built into lab/l1-base.cpio.gz by guests/build.sh.
+#
+# Runs inside QEMU TCG (-cpu max: emulated AMD SVM). Loads kvm-amd, checks /dev/kvm,
+# then sources /lab/plan.sh (delivered by a second cpio archive appended to the base
+# initramfs) in a subshell, with the function run_guest defined:
+#
+#   run_guest NAME CMD [ARGS...]
+#     prints "@@lab guest-begin name=NAME", runs CMD with stdin from /dev/null and
+#     stdout+stderr to the console, then "@@lab guest-end name=NAME rc=RC wall_ms=MS";
+#     returns RC.
+#
+# Output lines: "@@lab kvm=ok" | "@@lab error=REASON", "@@lab ready uptime_ms=N",
+# guest-begin/guest-end pairs, "@@lab plan-end rc=N", "@@lab done"; then power-off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+
+lab() { echo "@@lab $*"; }
+
+# Milliseconds since boot: ns resolution from /proc/timer_list ("now at N nsecs"),
+# else /proc/uptime (10 ms resolution). (busybox date has no %N.)
+now_ms() {
+    local ns up s c
+    ns=$(sed -n '/^now at /{s/^now at \([0-9]*\) nsecs.*/\1/p;q}' /proc/timer_list 2>/dev/null)
+    if [ -n "$ns" ]; then echo $((ns / 1000000)); return; fi
+    read -r up _ </proc/uptime
+    s=${up%.*}; c=${up#*.}; c=${c#0}
+    echo $((s * 1000 + ${c:-0} * 10))
+}
+
+run_guest() {
+    local name=$1 t0 t1 rc
+    shift
+    lab "guest-begin name=$name"
+    t0=$(now_ms)
+    "$@" </dev/null 2>&1
+    rc=$?
+    t1=$(now_ms)
+    lab "guest-end name=$name rc=$rc wall_ms=$((t1 - t0))"
+    return $rc
+}
+
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /dev/shm 2>/dev/null
+
+while read -r m; do
+    [ -n "$m" ] || continue
+    insmod "/lib/modules/$m.ko" >/dev/null 2>&1 || lab "error=insmod-$m"
+done </etc/modules
+
+# /dev/kvm: the misc device must be registered (kvm-amd loaded); devtmpfs normally
+# creates the node, mknod it from /proc/misc if not.
+minor=$(awk '$2 == "kvm" { print $1 }' /proc/misc 2>/dev/null)
+if [ -z "$minor" ]; then
+    lab "error=no-kvm-misc-device"
+else
+    [ -c /dev/kvm ] || mknod -m 660 /dev/kvm c 10 "$minor"
+    if [ -c /dev/kvm ]; then lab "kvm=ok"; else lab "error=no-dev-kvm"; fi
+fi
+
+ulimit -n 65536 2>/dev/null || lab "error=ulimit-n"
+lab "ready uptime_ms=$(now_ms)"
+
+if [ -f /lab/plan.sh ]; then
+    # Conveniences for the plan (paths inside the appended payload).
+    export LAB_GUEST_KERNEL=/lab/guest/vmlinuz LAB_GUEST_INITRD=/lab/guest/initramfs.cpio.gz
+    (cd /lab && . /lab/plan.sh)
+    lab "plan-end rc=$?"
+else
+    lab "error=no-plan"
+fi
+lab "done"
+poweroff -f
+exit 1
