@@ -1,0 +1,627 @@
+//! The blkswarm guest harness.
+//!
+//! Boots test guests with blkswarm, directly on hardware KVM when the host has it, else
+//! inside the "lab" (a QEMU TCG L1 Linux with nested SVM, see DESIGN.md section 1), and
+//! returns the guests' `@@guest key=value` result lines.
+//!
+//! ```no_run
+//! use harness::{GuestSpec, Runner};
+//! let runner = Runner::detect().unwrap_or_else(|e| panic!("{e}"));
+//! let (outcomes, _lab) = runner
+//!     .run(&[GuestSpec::new("two", "boot").cpus(2, 8)])
+//!     .unwrap_or_else(|e| panic!("{e}"));
+//! outcomes[0].expect_clean().unwrap_or_else(|e| panic!("{e}"));
+//! assert_eq!(outcomes[0].get("nproc"), Some("2"));
+//! ```
+//!
+//! Environment: `BLKSWARM_MODE=direct|lab` forces a mode; `BLKSWARM_VERBOSE=0` stops
+//! the live console on stderr; `BLKSWARM_CACHE`, `BLKSWARM_BIN`, `BLKSWARM_QEMU` locate
+//! the artifacts, the VMM binary and QEMU.
+
+pub mod cpio;
+pub mod detect;
+mod direct;
+pub mod lab;
+pub mod parse;
+pub mod paths;
+pub mod shell;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Once;
+use std::time::Duration;
+
+pub use paths::Paths;
+
+/// How guests are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// blkswarm on the host's hardware KVM.
+    Direct,
+    /// blkswarm inside an L1 Linux under QEMU TCG (nested SVM).
+    Lab,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Direct => "direct",
+            Mode::Lab => "lab",
+        })
+    }
+}
+
+/// Why the harness could not run guests at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HarnessError {
+    /// Neither direct KVM nor the lab can run here.
+    Unavailable(String),
+    /// An artifact (guest kernel, initramfs, VMM binary) is missing.
+    MissingArtifact(String),
+    /// The specs given to `Runner::run` are unusable.
+    InvalidSpec(String),
+    /// A harness environment variable has a bad value.
+    Config(String),
+    /// A host-side I/O step failed.
+    Io(String),
+    /// The lab failed as a whole (error reported by L1, L1 never ready, QEMU failed).
+    Lab(String),
+}
+
+impl fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HarnessError::Unavailable(m) => write!(f, "harness: cannot run test guests: {m}"),
+            HarnessError::MissingArtifact(m) => write!(f, "harness: {m}"),
+            HarnessError::InvalidSpec(m) => write!(f, "harness: invalid guest spec: {m}"),
+            HarnessError::Config(m) => write!(f, "harness: {m}"),
+            HarnessError::Io(m) => write!(f, "harness: I/O error: {m}"),
+            HarnessError::Lab(m) => write!(f, "harness: lab failed: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HarnessError {}
+
+pub(crate) fn io_err(context: impl fmt::Display) -> impl FnOnce(std::io::Error) -> HarnessError {
+    move |e| HarnessError::Io(format!("{context}: {e}"))
+}
+
+/// One test guest to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// Unique within one `Runner::run`; letters, digits, `_`, `-`, `.`.
+    pub name: String,
+    /// Passed as `blkswarm.scenario=NAME` on the guest kernel command line.
+    pub scenario: String,
+    pub boot_cpus: u32,
+    pub max_cpus: u32,
+    pub memory_mib: u64,
+    /// Appended to the guest kernel command line.
+    pub extra_cmdline: String,
+    /// Appended to the blkswarm command line.
+    pub extra_args: Vec<String>,
+    /// How long the guest may run (VMM start to exit).
+    pub timeout: Duration,
+    /// Harness self-test hook: run this command instead of blkswarm (in lab mode it
+    /// runs inside L1, so paths are L1 paths). Everything else in the spec is ignored.
+    pub command: Option<Vec<String>>,
+}
+
+/// The part of the guest command line the harness always sets.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+impl GuestSpec {
+    /// 1 vCPU, 1 GiB, 90 s.
+    pub fn new(name: impl Into<String>, scenario: impl Into<String>) -> GuestSpec {
+        GuestSpec {
+            name: name.into(),
+            scenario: scenario.into(),
+            boot_cpus: 1,
+            max_cpus: 1,
+            memory_mib: 1024,
+            extra_cmdline: String::new(),
+            extra_args: Vec::new(),
+            timeout: Duration::from_secs(90),
+            command: None,
+        }
+    }
+
+    /// `--cpus boot=BOOT,max=MAX`.
+    pub fn cpus(mut self, boot: u32, max: u32) -> Self {
+        self.boot_cpus = boot;
+        self.max_cpus = max;
+        self
+    }
+
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Appends words to the guest kernel command line.
+    pub fn cmdline(mut self, extra: &str) -> Self {
+        if !self.extra_cmdline.is_empty() {
+            self.extra_cmdline.push(' ');
+        }
+        self.extra_cmdline.push_str(extra.trim());
+        self
+    }
+
+    /// Appends one blkswarm argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// See [`GuestSpec::command`].
+    pub fn custom_command<S: Into<String>>(mut self, argv: impl IntoIterator<Item = S>) -> Self {
+        self.command = Some(argv.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The guest kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut c = format!("{BASE_CMDLINE} blkswarm.scenario={}", self.scenario);
+        if !self.extra_cmdline.trim().is_empty() {
+            c.push(' ');
+            c.push_str(self.extra_cmdline.trim());
+        }
+        c
+    }
+
+    /// The memory size as blkswarm takes it (`1G`, `1536M`).
+    pub fn memory_arg(&self) -> String {
+        if self.memory_mib % 1024 == 0 {
+            format!("size={}G", self.memory_mib / 1024)
+        } else {
+            format!("size={}M", self.memory_mib)
+        }
+    }
+
+    /// The full command (argv) for this guest, given where the binary, kernel and
+    /// initramfs are (host paths in direct mode, /lab paths in the lab).
+    pub fn argv(&self, bin: &str, kernel: &str, initramfs: &str) -> Vec<String> {
+        if let Some(cmd) = &self.command {
+            return cmd.clone();
+        }
+        let mut v: Vec<String> = vec![
+            bin.into(),
+            "--kernel".into(),
+            kernel.into(),
+            "--initramfs".into(),
+            initramfs.into(),
+            "--cmdline".into(),
+            self.kernel_cmdline(),
+            "--cpus".into(),
+            format!("boot={},max={}", self.boot_cpus, self.max_cpus),
+            "--memory".into(),
+            self.memory_arg(),
+        ];
+        v.extend(self.extra_args.iter().cloned());
+        v
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        if !word(&self.name) {
+            return Err(format!(
+                "name {:?} must be non-empty and only letters, digits, _ - .",
+                self.name
+            ));
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.is_empty() {
+                return Err(format!("{}: empty custom command", self.name));
+            }
+            return Ok(());
+        }
+        if !word(&self.scenario) {
+            return Err(format!(
+                "{}: scenario {:?} must be non-empty and only letters, digits, _ - .",
+                self.name, self.scenario
+            ));
+        }
+        if self.boot_cpus == 0 || self.boot_cpus > self.max_cpus {
+            return Err(format!(
+                "{}: need 1 <= boot cpus ({}) <= max cpus ({})",
+                self.name, self.boot_cpus, self.max_cpus
+            ));
+        }
+        if self.memory_mib == 0 {
+            return Err(format!("{}: memory must be > 0", self.name));
+        }
+        Ok(())
+    }
+
+    fn uses_vmm(&self) -> bool {
+        self.command.is_none()
+    }
+}
+
+/// What became of one guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOutcome {
+    pub name: String,
+    pub mode: Mode,
+    /// The VMM's exit code (lab: the `rc` L1 reported); None if it never ended or
+    /// died by a signal (direct).
+    pub exit_code: Option<i32>,
+    /// Wall time of the VMM process, ms (lab: measured by L1).
+    pub wall_ms: Option<u64>,
+    /// `@@guest key=value` facts in order (`done` included, with an empty value).
+    pub results: Vec<(String, String)>,
+    /// `@@vmm` pairs in order.
+    pub vmm: Vec<(String, String)>,
+    /// Everything printed for this guest (serial console and VMM stderr).
+    pub console: String,
+    /// Saw `@@guest done`.
+    pub done: bool,
+    /// Set when the guest was lost (began but never ended, or never began because the
+    /// lab died or was killed) or killed by a timeout: why, plus the console tail.
+    pub lost: Option<String>,
+}
+
+/// How many console lines failure messages carry.
+pub const TAIL_LINES: usize = 40;
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl GuestOutcome {
+    pub(crate) fn new(name: &str, mode: Mode) -> GuestOutcome {
+        GuestOutcome {
+            name: name.to_string(),
+            mode,
+            exit_code: None,
+            wall_ms: None,
+            results: Vec::new(),
+            vmm: Vec::new(),
+            console: String::new(),
+            done: false,
+            lost: None,
+        }
+    }
+
+    /// The last value the guest printed for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.results
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value the guest printed for `key`, in order.
+    pub fn get_all(&self, key: &str) -> Vec<&str> {
+        self.results
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The last value of a `@@vmm` key.
+    pub fn vmm_get(&self, key: &str) -> Option<&str> {
+        self.vmm
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The last [`TAIL_LINES`] lines of this guest's console.
+    pub fn console_tail(&self) -> String {
+        tail(&self.console, TAIL_LINES)
+    }
+
+    /// Ok if the VMM exited 0 and the guest printed `@@guest done`; else a message
+    /// with the reason and the console tail.
+    pub fn expect_clean(&self) -> Result<(), String> {
+        if let Some(lost) = &self.lost {
+            return Err(format!(
+                "guest '{}' ({} mode) LOST: {lost}",
+                self.name, self.mode
+            ));
+        }
+        let mut problems = Vec::new();
+        match self.exit_code {
+            Some(0) => {}
+            Some(137) if self.mode == Mode::Lab => problems
+                .push("exit code 137 (SIGKILL: the lab's per-guest timeout fired)".to_string()),
+            Some(c) => problems.push(format!("exit code {c}")),
+            None => problems.push("no exit code".to_string()),
+        }
+        if !self.done {
+            problems.push("no `@@guest done`".to_string());
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "guest '{}' ({} mode) did not end cleanly: {}\n{}",
+            self.name,
+            self.mode,
+            problems.join(", "),
+            self.describe_tail()
+        ))
+    }
+
+    /// A "last lines of the console" block for failure messages.
+    pub fn describe_tail(&self) -> String {
+        format!(
+            "--- last {TAIL_LINES} console lines of '{}' ---\n{}\n--- end of console ---",
+            self.name,
+            self.console_tail()
+        )
+    }
+}
+
+/// What the lab run as a whole did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabReport {
+    /// Host wall time from QEMU launch to `@@lab ready`, ms.
+    pub l1_ready_ms: Option<u64>,
+    /// L1's own uptime at `@@lab ready`, ms.
+    pub l1_uptime_ms: Option<u64>,
+    /// Host wall time from QEMU launch to its exit, ms.
+    pub total_ms: u64,
+    /// The whole L1 console.
+    pub console: String,
+    /// QEMU's stderr.
+    pub qemu_stderr: String,
+}
+
+/// `BLKSWARM_VERBOSE` is not `0`.
+pub fn verbose_from_env() -> bool {
+    std::env::var("BLKSWARM_VERBOSE").map_or(true, |v| v.trim() != "0")
+}
+
+/// Runs guests in the mode chosen for this host.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    mode: Mode,
+    why: String,
+    paths: Paths,
+    qemu: Option<PathBuf>,
+    lab_memory_mib: u64,
+    lab_boot_timeout: Duration,
+    verbose: bool,
+    lab_files: Vec<(String, PathBuf)>,
+}
+
+static ANNOUNCE: Once = Once::new();
+
+impl Runner {
+    /// Picks the mode for this host (`BLKSWARM_MODE=direct|lab` forces one) and says
+    /// on stderr, once per process, which and why. Errors when neither mode can run.
+    pub fn detect() -> Result<Runner, HarnessError> {
+        let forced = match std::env::var("BLKSWARM_MODE")
+            .ok()
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("") | Some("auto") => None,
+            Some("direct") => Some(Mode::Direct),
+            Some("lab") => Some(Mode::Lab),
+            Some(other) => {
+                return Err(HarnessError::Config(format!(
+                    "BLKSWARM_MODE={other:?}: expected direct, lab or auto"
+                )))
+            }
+        };
+        let facts = detect::HostFacts::probe();
+        let (mode, why) = detect::choose(&facts, forced);
+        let runner = Runner::with_mode(mode, why)?;
+        ANNOUNCE.call_once(|| eprintln!("{}", runner.announcement()));
+        Ok(runner)
+    }
+
+    /// A runner for an explicit mode (no detection; QEMU is still looked up for the lab).
+    pub fn with_mode(mode: Mode, why: impl Into<String>) -> Result<Runner, HarnessError> {
+        let why = why.into();
+        let qemu = match mode {
+            Mode::Direct => None,
+            Mode::Lab => Some(paths::find_qemu().map_err(|e| {
+                HarnessError::Unavailable(format!(
+                    "direct KVM is not possible ({why}) and the lab is unavailable: {e}"
+                ))
+            })?),
+        };
+        Ok(Runner {
+            mode,
+            why,
+            paths: Paths::from_env(),
+            qemu,
+            lab_memory_mib: 3072,
+            lab_boot_timeout: Duration::from_secs(120),
+            verbose: verbose_from_env(),
+            lab_files: Vec::new(),
+        })
+    }
+
+    /// "harness: using lab (...)" / "harness: using direct KVM (...)".
+    pub fn announcement(&self) -> String {
+        match self.mode {
+            Mode::Direct => format!("harness: using direct KVM ({})", self.why),
+            Mode::Lab => format!("harness: using lab ({})", self.why),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Why this mode was chosen.
+    pub fn why(&self) -> &str {
+        &self.why
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// L1 memory (default 3072 MiB).
+    pub fn lab_memory_mib(mut self, mib: u64) -> Self {
+        self.lab_memory_mib = mib;
+        self
+    }
+
+    /// How long L1 may take to print `@@lab ready` (default 120 s).
+    pub fn lab_boot_timeout(mut self, timeout: Duration) -> Self {
+        self.lab_boot_timeout = timeout;
+        self
+    }
+
+    /// Live console on stderr (default: on unless BLKSWARM_VERBOSE=0).
+    pub fn verbose(mut self, on: bool) -> Self {
+        self.verbose = on;
+        self
+    }
+
+    /// Adds a host file to the lab payload at the absolute L1 path `in_lab` (e.g.
+    /// `/lab/disk0.img`). Ignored in direct mode, where guests use host paths.
+    pub fn lab_file(mut self, in_lab: impl Into<String>, host: impl Into<PathBuf>) -> Self {
+        self.lab_files.push((in_lab.into(), host.into()));
+        self
+    }
+
+    /// Runs every spec, in order (lab: all in one L1 boot). Returns one outcome per
+    /// spec, in spec order, and in lab mode the lab report. Guests that failed, timed
+    /// out or were lost are outcomes (see [`GuestOutcome::expect_clean`]); errors are
+    /// for runs that could not produce outcomes at all.
+    pub fn run(
+        &self,
+        specs: &[GuestSpec],
+    ) -> Result<(Vec<GuestOutcome>, Option<LabReport>), HarnessError> {
+        let mut seen = std::collections::HashSet::new();
+        for s in specs {
+            s.validate().map_err(HarnessError::InvalidSpec)?;
+            if !seen.insert(s.name.as_str()) {
+                return Err(HarnessError::InvalidSpec(format!(
+                    "duplicate guest name {:?}",
+                    s.name
+                )));
+            }
+        }
+        if specs.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let needs_vmm = specs.iter().any(GuestSpec::uses_vmm);
+        match self.mode {
+            Mode::Direct => {
+                let bin = if needs_vmm {
+                    self.paths.require_artifacts(false)?;
+                    Some(self.paths.vmm_bin()?)
+                } else {
+                    None
+                };
+                let outcomes = specs
+                    .iter()
+                    .map(|s| direct::run_one(s, &self.paths, bin.as_deref(), self.verbose))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((outcomes, None))
+            }
+            Mode::Lab => {
+                let qemu = self.qemu.as_ref().ok_or_else(|| {
+                    HarnessError::Unavailable("lab mode without QEMU".to_string())
+                })?;
+                if !self.paths.lab_base().is_file() || !self.paths.guest_kernel().is_file() {
+                    self.paths.require_artifacts(true)?;
+                }
+                let bin = if needs_vmm {
+                    self.paths.require_artifacts(true)?;
+                    Some(self.paths.vmm_bin()?)
+                } else {
+                    None
+                };
+                let cfg = lab::LabConfig {
+                    qemu: qemu.clone(),
+                    paths: self.paths.clone(),
+                    bin,
+                    memory_mib: self.lab_memory_mib,
+                    boot_timeout: self.lab_boot_timeout,
+                    verbose: self.verbose,
+                    guest_grace: lab::GUEST_GRACE,
+                    extra_files: self.lab_files.clone(),
+                };
+                let (outcomes, report) = lab::run(&cfg, specs)?;
+                Ok((outcomes, Some(report)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_argv() {
+        let s = GuestSpec::new("g", "boot")
+            .cpus(2, 8)
+            .cmdline("foo=1")
+            .cmdline("bar")
+            .arg("--disk")
+            .arg("null,size=1G");
+        assert_eq!(
+            s.argv("/lab/blkswarm", "/k", "/i"),
+            [
+                "/lab/blkswarm",
+                "--kernel",
+                "/k",
+                "--initramfs",
+                "/i",
+                "--cmdline",
+                "console=ttyS0 quiet panic=-1 blkswarm.scenario=boot foo=1 bar",
+                "--cpus",
+                "boot=2,max=8",
+                "--memory",
+                "size=1G",
+                "--disk",
+                "null,size=1G"
+            ]
+        );
+        assert_eq!(s.clone().memory_mib(1536).memory_arg(), "size=1536M");
+        assert!(s.validate().is_ok());
+        assert!(GuestSpec::new("a b", "boot").validate().is_err());
+        assert!(GuestSpec::new("a", "").validate().is_err());
+        assert!(GuestSpec::new("a", "boot").cpus(3, 2).validate().is_err());
+        assert!(GuestSpec::new("a", "boot").cpus(0, 2).validate().is_err());
+    }
+
+    #[test]
+    fn outcome_checks() {
+        let mut o = GuestOutcome::new("g", Mode::Lab);
+        o.console = (1..=50).map(|i| format!("line {i}\n")).collect();
+        o.exit_code = Some(0);
+        o.results = vec![
+            ("nproc".into(), "1".into()),
+            ("nproc".into(), "2".into()),
+            ("done".into(), String::new()),
+        ];
+        assert!(o.expect_clean().unwrap_err().contains("no `@@guest done`"));
+        o.done = true;
+        assert_eq!(o.expect_clean(), Ok(()));
+        assert_eq!(o.get("nproc"), Some("2"));
+        assert_eq!(o.get_all("nproc"), ["1", "2"]);
+        o.exit_code = Some(137);
+        let e = o.expect_clean().unwrap_err();
+        assert!(e.contains("timeout"), "{e}");
+        assert!(e.contains("line 50") && e.contains("line 11") && !e.contains("line 10\n"));
+        o.lost = Some("began but never ended".into());
+        assert!(o.expect_clean().unwrap_err().contains("LOST"));
+    }
+}
