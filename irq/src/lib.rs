@@ -6,5 +6,7 @@
 //! irqfd mechanism.
 
 pub mod line;
+pub mod msi;
 
 pub use line::{IrqLine, LineTrigger};
+pub use msi::{MsiMessage, MsiVector};
