@@ -7,6 +7,8 @@
 
 pub mod line;
 pub mod msi;
+pub mod routing;
 
 pub use line::{IrqLine, LineTrigger};
 pub use msi::{MsiMessage, MsiVector};
+pub use routing::{GsiRouter, KvmIrqOps, KvmMsiVector};

@@ -131,6 +131,26 @@ pub struct AcpiConfig {
     pub boot_cpus: u32,
     /// Possible vCPUs, including hot-pluggable ones (APIC ids `0..max_cpus`).
     pub max_cpus: u32,
+    /// The PCI host bridge of segment 0.
+    pub pci: PciHostBridge,
+}
+
+/// What the guest needs to know about PCI segment 0: where its ECAM is (MCFG, and a
+/// motherboard resource reserving it), which buses exist, and the MMIO windows the host
+/// bridge forwards (its `_CRS`), inside which the VMM placed every BAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHostBridge {
+    pub ecam_base: u64,
+    /// Last bus number; ECAM covers buses `0..=last_bus`, 1 MiB each.
+    pub last_bus: u8,
+    pub mmio32: (u32, u32),
+    pub mmio64: (u64, u64),
+}
+
+impl PciHostBridge {
+    fn ecam_size(&self) -> u64 {
+        (u64::from(self.last_bus) + 1) << 20
+    }
 }
 
 /// Where the tables were written.
@@ -186,12 +206,12 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let rsdp_addr = layout.alloc(Rsdp::len())?;
 
     // The DSDT is not listed in the XSDT; the FADT points at it.
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(&cfg.pci);
     let dsdt_addr = layout.alloc(dsdt.len())?;
     blobs.push((dsdt_addr, dsdt));
 
     // Tables listed in the XSDT. Adding one (e.g. MCFG) is one more element.
-    let xsdt_tables = [build_fadt(dsdt_addr), build_madt(cfg)];
+    let xsdt_tables = [build_fadt(dsdt_addr), build_madt(cfg), build_mcfg(&cfg.pci)];
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for table in xsdt_tables {
@@ -280,7 +300,60 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn build_dsdt() -> Vec<u8> {
+/// MCFG: the ECAM window of segment 0, so Linux reads config space with one MMIO access
+/// instead of two port accesses (each an exit).
+fn build_mcfg(pci: &PciHostBridge) -> Vec<u8> {
+    let mut mcfg = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(pci.ecam_base, 0, 0, pci.last_bus);
+    aml_bytes(&mcfg)
+}
+
+/// `\_SB_.PCI0`, the host bridge of segment 0, and `\_SB_.MBRD`, the motherboard resource
+/// that reserves its ECAM (Linux ignores an MCFG region that nothing reserves).
+fn build_pci_devices(pci: &PciHostBridge, sink: &mut Vec<u8>) {
+    let (mmio32_base, mmio32_size) = pci.mmio32;
+    let (mmio64_base, mmio64_size) = pci.mmio64;
+    let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.last_bus));
+    let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio32_base,
+        mmio32_base + (mmio32_size - 1),
+        None,
+    );
+    let mmio64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64_base,
+        mmio64_base + (mmio64_size - 1),
+        None,
+    );
+    let pci0_resources = aml::ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]);
+    let pci0_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let pci0_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let pci0_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pci0_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let pci0_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let pci0_adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let pci0_crs = aml::Name::new("_CRS".into(), &pci0_resources);
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &pci0_hid, &pci0_cid, &pci0_uid, &pci0_seg, &pci0_bbn, &pci0_adr, &pci0_crs,
+        ],
+    )
+    .to_aml_bytes(sink);
+
+    let ecam = aml::Memory32Fixed::new(false, pci.ecam_base as u32, pci.ecam_size() as u32);
+    let mbrd_resources = aml::ResourceTemplate::new(vec![&ecam]);
+    let mbrd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let mbrd_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let mbrd_crs = aml::Name::new("_CRS".into(), &mbrd_resources);
+    aml::Device::new("_SB_.MBRD".into(), vec![&mbrd_hid, &mbrd_uid, &mbrd_crs]).to_aml_bytes(sink);
+}
+
+fn build_dsdt(pci: &PciHostBridge) -> Vec<u8> {
     // \_S5_ gives the SLP_TYP value for soft-off; without it Linux does not
     // register ACPI power-off. ACPICA accepts a one-element package (the
     // value's low byte is SLP_TYPa, the only one used in HW-reduced mode).
@@ -292,13 +365,13 @@ fn build_dsdt() -> Vec<u8> {
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_crs = aml::Name::new("_CRS".into(), &com1_resources);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
-    // Top-level DSDT objects; the PCI host bridge (PNP0A08) will go here.
     let objects: [&dyn Aml; 2] = [&s5, &com1];
 
     let mut body = Vec::new();
     for object in objects {
         object.to_aml_bytes(&mut body);
     }
+    build_pci_devices(pci, &mut body);
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN,
@@ -504,15 +577,28 @@ mod tests {
         fadt: Vec<u8>,
         madt: Vec<u8>,
         dsdt: Vec<u8>,
+        mcfg: Vec<u8>,
+    }
+
+    const TEST_PCI: PciHostBridge = PciHostBridge {
+        ecam_base: 0xe000_0000,
+        last_bus: 255,
+        mmio32: (0xc000_0000, 0x2000_0000),
+        mmio64: (0x40_0000_0000, 0x10_0000_0000),
+    };
+
+    fn config(boot_cpus: u32, max_cpus: u32) -> AcpiConfig {
+        AcpiConfig {
+            boot_cpus,
+            max_cpus,
+            pci: TEST_PCI,
+        }
     }
 
     /// Writes the tables for `cfg` and follows the pointers from the RSDP.
     fn write_and_parse(boot_cpus: u32, max_cpus: u32) -> Parsed {
         let mem = guest_mem(2 << 20);
-        let cfg = AcpiConfig {
-            boot_cpus,
-            max_cpus,
-        };
+        let cfg = config(boot_cpus, max_cpus);
         let tables = write_acpi_tables(&mem, &cfg).unwrap();
         assert_eq!(tables.rsdp_addr, GuestAddress(ACPI_TABLES_START));
         assert!(tables.end.0 <= ACPI_TABLES_END);
@@ -532,22 +618,25 @@ mod tests {
 
         let mut fadt = None;
         let mut madt = None;
+        let mut mcfg = None;
         let entries: Vec<u64> = (36..xsdt.len())
             .step_by(8)
             .map(|o| u64_at(&xsdt, o))
             .collect();
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), 3);
         for addr in entries {
             let table = read_table(&mem, addr);
             end = end.max(addr + table.len() as u64);
             match &table[0..4] {
                 b"FACP" => fadt = Some(table),
                 b"APIC" => madt = Some(table),
+                b"MCFG" => mcfg = Some(table),
                 sig => panic!("unexpected table {sig:?}"),
             }
         }
         let fadt = fadt.expect("no FADT");
         let madt = madt.expect("no MADT");
+        let mcfg = mcfg.expect("no MCFG");
 
         let dsdt_addr = u64_at(&fadt, FADT_X_DSDT);
         let dsdt = read_table(&mem, dsdt_addr);
@@ -563,7 +652,35 @@ mod tests {
             fadt,
             madt,
             dsdt,
+            mcfg,
         }
+    }
+
+    #[test]
+    fn mcfg_announces_the_ecam_of_segment_0() {
+        let p = write_and_parse(1, 1);
+        // Header (36) + reserved (8), then one allocation: base, segment, start and end bus.
+        assert_eq!(p.mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&p.mcfg, 44), 0xe000_0000);
+        assert_eq!(u16_at(&p.mcfg, 52), 0);
+        assert_eq!((p.mcfg[54], p.mcfg[55]), (0, 255));
+    }
+
+    #[test]
+    fn dsdt_has_the_pci_host_bridge_and_reserves_the_ecam() {
+        let p = write_and_parse(1, 1);
+        let body = &p.dsdt[36..];
+        let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"PCI0") && contains(b"MBRD"));
+        // EISAName PNP0A08 (host bridge) and PNP0C02 (motherboard resources).
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        // Memory32Fixed over the whole ECAM: 256 buses x 1 MiB at 0xe0000000.
+        assert!(contains(&[
+            0x86, 0x09, 0x00, 0x00, 0x00, 0x00, 0x00, 0xe0, 0x00, 0x00, 0x00, 0x10
+        ]));
+        // The 64-bit window's minimum appears as a little-endian QWord.
+        assert!(contains(&0x40_0000_0000u64.to_le_bytes()));
     }
 
     #[derive(Debug, PartialEq)]
@@ -792,15 +909,7 @@ mod tests {
     #[test]
     fn invalid_configs() {
         let mem = guest_mem(2 << 20);
-        let write = |boot_cpus, max_cpus| {
-            write_acpi_tables(
-                &mem,
-                &AcpiConfig {
-                    boot_cpus,
-                    max_cpus,
-                },
-            )
-        };
+        let write = |boot_cpus, max_cpus| write_acpi_tables(&mem, &config(boot_cpus, max_cpus));
         assert!(matches!(
             write(0, 4),
             Err(AcpiError::InvalidCpuCount { .. })
@@ -825,27 +934,13 @@ mod tests {
     fn guest_memory_too_small() {
         // Memory ends in the middle of the table window.
         let mem = guest_mem(0xE_0100);
-        let err = write_acpi_tables(
-            &mem,
-            &AcpiConfig {
-                boot_cpus: 1,
-                max_cpus: 8,
-            },
-        )
-        .unwrap_err();
+        let err = write_acpi_tables(&mem, &config(1, 8)).unwrap_err();
         assert!(matches!(err, AcpiError::NotInGuestMemory { .. }), "{err}");
         // Checked before writing: the RSDP was not written either.
         assert_eq!(read(&mem, ACPI_TABLES_START, 8), [0; 8]);
 
         let mem = guest_mem(0x8_0000);
-        let err = write_acpi_tables(
-            &mem,
-            &AcpiConfig {
-                boot_cpus: 1,
-                max_cpus: 1,
-            },
-        )
-        .unwrap_err();
+        let err = write_acpi_tables(&mem, &config(1, 1)).unwrap_err();
         assert!(matches!(err, AcpiError::NotInGuestMemory { .. }), "{err}");
     }
 

@@ -92,6 +92,12 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
             E820_RESERVED,
         ),
     ];
+    // MCFG's ECAM range must be reserved, or Linux refuses to use it for config space.
+    map.push(entry(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        E820_RESERVED,
+    ));
     for (start, size) in layout::ram_ranges(ram_size) {
         let (start, size) = if start.0 == 0 {
             // The first range also covers the low megabyte, described above.
@@ -104,6 +110,7 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
         };
         map.push(entry(start, size, E820_RAM));
     }
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -340,6 +347,7 @@ mod tests {
                 (0, 0x9_fc00, E820_RAM),
                 (0x9_fc00, 0x6_0400, E820_RESERVED),
                 (0x10_0000, (512 << 20) - 0x10_0000, E820_RAM),
+                (0xe000_0000, 0x1000_0000, E820_RESERVED),
             ]
         );
     }
@@ -357,8 +365,10 @@ mod tests {
         let last = map.last().unwrap();
         assert_eq!({ last.addr }, 1 << 32);
         assert_eq!({ last.size }, (6 << 30) - layout::MMIO_GAP_START);
-        for pair in map.windows(2) {
-            assert!(pair[0].addr + pair[0].size <= pair[1].addr);
+        let mut sorted: Vec<_> = map.iter().map(|e| (e.addr, e.size)).collect();
+        sorted.sort();
+        for pair in sorted.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
         assert!(map.iter().all(|e| e.r#type != E820_RAM
             || e.addr + e.size <= layout::MMIO_GAP_START

@@ -55,6 +55,8 @@ pub enum ConfigError {
     BadCpuCount { boot: u32, max: u32 },
     #[error("--memory: {0} bytes is below the minimum of {MIN_MEMORY_BYTES}")]
     MemoryTooSmall(u64),
+    #[error("--memory: {0} bytes would overlap the PCI MMIO window; the maximum is {max}", max = crate::layout::MAX_RAM_BYTES)]
+    MemoryTooLarge(u64),
 }
 
 pub const USAGE: &str = "\
@@ -174,6 +176,9 @@ fn parse_memory(list: &str) -> Result<u64, ConfigError> {
     if size < MIN_MEMORY_BYTES {
         return Err(ConfigError::MemoryTooSmall(size));
     }
+    if size > crate::layout::MAX_RAM_BYTES {
+        return Err(ConfigError::MemoryTooLarge(size));
+    }
     Ok(size)
 }
 
@@ -270,6 +275,10 @@ mod tests {
         assert_eq!(
             parse(&["--kernel", "/k", "--memory", "size=1M"]),
             Err(ConfigError::MemoryTooSmall(1 << 20))
+        );
+        assert_eq!(
+            parse(&["--kernel", "/k", "--memory", "size=1T"]),
+            Err(ConfigError::MemoryTooLarge(1 << 40))
         );
     }
 

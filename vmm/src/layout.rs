@@ -9,8 +9,10 @@
 //! 0x0009_fc00  EBDA start: RAM ends here in the low megabyte
 //! 0x000e_0000  ACPI tables (RSDP inside the BIOS area Linux scans)
 //! 0x0010_0000  kernel (code32_start), then RAM up to the 32-bit MMIO gap
-//! 0xc000_0000  32-bit MMIO gap: device windows, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  32-bit MMIO gap: PCI 32-bit window, then
+//! 0xe000_0000  PCI ECAM (256 buses x 1 MiB), IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than fits below the gap
+//! 0x40_0000_0000 PCI 64-bit MMIO window (BARs), 64 GiB
 //! ```
 
 use vm_memory::GuestAddress;
@@ -31,6 +33,19 @@ pub const HIGH_MEMORY_START: GuestAddress = GuestAddress(0x10_0000);
 /// Start of the 32-bit MMIO gap: RAM below 4 GiB stops here.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// 32-bit PCI MMIO window, announced to the guest; the VMM places BARs in the 64-bit window.
+pub const PCI_MMIO32_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration space (ECAM) of segment 0: 1 MiB per bus.
+pub const PCI_ECAM_START: u64 = PCI_MMIO32_START + PCI_MMIO32_SIZE;
+pub const PCI_ECAM_BUSES: u64 = 256;
+pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES << 20;
+/// 64-bit PCI MMIO window for BARs. Below 1 TiB: nested guests under QEMU TCG see 40
+/// physical address bits.
+pub const PCI_MMIO64_START: u64 = 0x40_0000_0000;
+pub const PCI_MMIO64_SIZE: u64 = 0x10_0000_0000;
+/// Guest RAM must end below the 64-bit PCI window.
+pub const MAX_RAM_BYTES: u64 = PCI_MMIO64_START - MMIO_GAP_END + MMIO_GAP_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// KVM on Intel needs three pages for the real-mode TSS and one for the identity map,
@@ -47,6 +62,8 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
     ranges
 }
+
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 
 // The boot stack grows down from between the zero page and the page tables.
 const _: () = assert!(BOOT_STACK_TOP < PML4_START.0 && BOOT_STACK_TOP > ZERO_PAGE_START.0 + 0x1000);

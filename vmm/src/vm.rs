@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_S
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::acpi::{self, AcpiConfig};
+use crate::acpi::{self, AcpiConfig, PciHostBridge};
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
@@ -138,6 +138,15 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         &AcpiConfig {
             boot_cpus: config.cpus.boot,
             max_cpus: config.cpus.max,
+            pci: PciHostBridge {
+                ecam_base: layout::PCI_ECAM_START,
+                last_bus: (layout::PCI_ECAM_BUSES - 1) as u8,
+                mmio32: (
+                    layout::PCI_MMIO32_START as u32,
+                    layout::PCI_MMIO32_SIZE as u32,
+                ),
+                mmio64: (layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE),
+            },
         },
     )?;
     let entry = boot::load_linux(

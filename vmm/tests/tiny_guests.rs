@@ -167,22 +167,22 @@ fn guest_sees_command_line_and_e820_through_the_zero_page() {
     );
     let out = guest.run(&["--cmdline", "console=ttyS0 blkswarm.scenario=boot"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    // 128 MiB: low RAM, the reserved EBDA..1 MiB hole, RAM from 1 MiB.
+    // 128 MiB: low RAM, the reserved EBDA..1 MiB hole, RAM from 1 MiB, the reserved ECAM.
     assert_eq!(
         text(&out.stdout),
-        "console=ttyS0 blkswarm.scenario=boot 3\n"
+        "console=ttyS0 blkswarm.scenario=boot 4\n"
     );
 }
 
 #[test]
-fn guest_above_4g_gets_a_fourth_e820_entry() {
+fn guest_above_4g_gets_a_fifth_e820_entry() {
     let guest = TinyGuest::new(
         "bootparams-4g",
         &program(&[&print_boot_params(), POWEROFF, HALT]),
     );
     let out = guest.run(&["--memory", "size=4G", "--cmdline", "x"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "x 4\n");
+    assert_eq!(text(&out.stdout), "x 5\n");
 }
 
 #[test]
