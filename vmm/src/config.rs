@@ -18,6 +18,33 @@ pub struct CpuConfig {
     pub max: u32,
 }
 
+/// Where a disk's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskBackendConfig {
+    /// A raw image file; `direct` opens it with O_DIRECT (no host page cache).
+    File { path: PathBuf, direct: bool },
+    /// No storage: reads return zeroes, writes are dropped, every request completes after
+    /// `latency_us` (0: at once).
+    Null { size_bytes: u64, latency_us: u64 },
+}
+
+/// Defaults of a virtio-blk disk: one queue of 256 entries, like QEMU's.
+pub const DEFAULT_NUM_QUEUES: u16 = 1;
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Most queues per disk: the transport gives each its own MSI-X vector plus one for config,
+/// and MSI-X tables hold at most 2048 entries.
+pub const MAX_NUM_QUEUES: u16 = 256;
+/// Virtqueue sizes are powers of two up to 32768 (virtio 1.2, 2.7).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub backend: DiskBackendConfig,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -25,6 +52,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: CpuConfig,
     pub memory_bytes: u64,
+    pub disks: Vec<DiskConfig>,
+    /// I/O worker threads; None: one per host CPU.
+    pub io_threads: Option<usize>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -68,6 +98,10 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
   --cmdline STR          kernel command line
   --cpus boot=N,max=M    N vCPUs online at boot, M possible (default boot=1, max=boot)
   --memory size=SIZE     guest RAM, e.g. 512M or 2G (default 512M)
+  --disk path=IMG[,readonly=on][,direct=on][,num_queues=N][,queue_size=N]
+  --disk backend=null,size=SIZE[,latency_us=N][,num_queues=N][,queue_size=N]
+                         a virtio-blk PCI disk; repeatable
+  --io-threads N         I/O worker threads serving every queue (default: host CPUs)
 
 The guest's serial console (COM1) is stdout. VMM messages go to stderr; machine-readable
 ones start with '@@vmm '. Exit status: 0 guest powered off, 1 VMM error, 2 guest reset,
@@ -80,6 +114,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut cmdline = String::new();
     let mut cpus = None;
     let mut memory_bytes = DEFAULT_MEMORY_BYTES;
+    let mut disks = Vec::new();
+    let mut io_threads = None;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -101,6 +137,16 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             "--cmdline" => cmdline = value()?,
             "--cpus" => cpus = Some(parse_cpus(&value()?)?),
             "--memory" => memory_bytes = parse_memory(&value()?)?,
+            "--disk" => disks.push(parse_disk(&value()?)?),
+            "--io-threads" => {
+                let text = value()?;
+                let threads = text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| bad_value("--io-threads", "", &text, "expected 1..=1024"))?;
+                io_threads = Some(threads);
+            }
             _ => return Err(ConfigError::UnknownOption(arg)),
         }
     }
@@ -110,6 +156,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         cmdline,
         cpus: cpus.unwrap_or(CpuConfig { boot: 1, max: 1 }),
         memory_bytes,
+        disks,
+        io_threads,
     }))
 }
 
@@ -180,6 +228,112 @@ fn parse_memory(list: &str) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemoryTooLarge(size));
     }
     Ok(size)
+}
+
+fn on_off(option: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "1" | "" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(bad_value(option, key, value, "expected on or off")),
+    }
+}
+
+fn parse_disk(list: &str) -> Result<DiskConfig, ConfigError> {
+    const OPT: &str = "--disk";
+    let mut path = None;
+    let mut backend = None;
+    let mut size = None;
+    let mut latency_us = 0;
+    let mut direct = false;
+    let mut read_only = false;
+    let mut num_queues = DEFAULT_NUM_QUEUES;
+    let mut queue_size = DEFAULT_QUEUE_SIZE;
+    for (key, value) in key_values(list) {
+        let number = |max: u64| {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| bad_value(OPT, key, value, format!("expected 0..={max}")))
+        };
+        match key {
+            "path" => path = Some(PathBuf::from(value)),
+            "backend" => backend = Some(value.to_string()),
+            "size" => {
+                size = Some(
+                    parse_size(value)
+                        .ok_or_else(|| bad_value(OPT, key, value, "expected a size like 1G"))?,
+                )
+            }
+            "latency_us" => latency_us = number(60_000_000)?,
+            "direct" => direct = on_off(OPT, key, value)?,
+            "readonly" => read_only = on_off(OPT, key, value)?,
+            "num_queues" => {
+                num_queues = number(u64::from(MAX_NUM_QUEUES))? as u16;
+                if num_queues == 0 {
+                    return Err(bad_value(OPT, key, value, "a disk needs a queue"));
+                }
+            }
+            "queue_size" => {
+                queue_size = number(u64::from(MAX_QUEUE_SIZE))? as u16;
+                if !queue_size.is_power_of_two() {
+                    return Err(bad_value(OPT, key, value, "expected a power of two"));
+                }
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    option: OPT.into(),
+                    key: key.into(),
+                })
+            }
+        }
+    }
+    let backend = match (backend.as_deref(), path) {
+        (None | Some("file"), Some(path)) => {
+            if size.is_some() || latency_us != 0 {
+                return Err(bad_value(
+                    OPT,
+                    "path",
+                    &path.display().to_string(),
+                    "size= and latency_us= belong to backend=null",
+                ));
+            }
+            DiskBackendConfig::File { path, direct }
+        }
+        (Some("null"), None) => {
+            let size_bytes =
+                size.ok_or_else(|| bad_value(OPT, "size", "", "backend=null needs size="))?;
+            if size_bytes == 0 || size_bytes % 512 != 0 {
+                return Err(bad_value(
+                    OPT,
+                    "size",
+                    &size_bytes.to_string(),
+                    "expected a non-zero multiple of 512",
+                ));
+            }
+            DiskBackendConfig::Null {
+                size_bytes,
+                latency_us,
+            }
+        }
+        (Some(other), _) if other != "null" && other != "file" => {
+            return Err(bad_value(OPT, "backend", other, "expected file or null"))
+        }
+        _ => {
+            return Err(bad_value(
+                OPT,
+                "path",
+                list,
+                "give path=IMG (file) or backend=null,size=SIZE",
+            ))
+        }
+    };
+    Ok(DiskConfig {
+        backend,
+        read_only,
+        num_queues,
+        queue_size,
+    })
 }
 
 /// Parses `4096`, `64K`, `512M`, `2G` or `1T` (binary units) into bytes.
@@ -280,6 +434,58 @@ mod tests {
             parse(&["--kernel", "/k", "--memory", "size=1T"]),
             Err(ConfigError::MemoryTooLarge(1 << 40))
         );
+    }
+
+    #[test]
+    fn disks() {
+        let config = run(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/img,readonly=on,num_queues=4,queue_size=128,direct=on",
+            "--disk",
+            "backend=null,size=1G,latency_us=100",
+            "--io-threads",
+            "3",
+        ]);
+        assert_eq!(
+            config.disks,
+            vec![
+                DiskConfig {
+                    backend: DiskBackendConfig::File {
+                        path: PathBuf::from("/img"),
+                        direct: true
+                    },
+                    read_only: true,
+                    num_queues: 4,
+                    queue_size: 128,
+                },
+                DiskConfig {
+                    backend: DiskBackendConfig::Null {
+                        size_bytes: 1 << 30,
+                        latency_us: 100
+                    },
+                    read_only: false,
+                    num_queues: DEFAULT_NUM_QUEUES,
+                    queue_size: DEFAULT_QUEUE_SIZE,
+                }
+            ]
+        );
+        assert_eq!(config.io_threads, Some(3));
+        for bad in [
+            "backend=null",
+            "backend=null,size=1000",
+            "backend=nvram,size=1G",
+            "readonly=on",
+            "path=/img,num_queues=0",
+            "path=/img,queue_size=100",
+            "path=/img,readonly=maybe",
+            "path=/img,size=1G",
+            "path=/img,colour=blue",
+        ] {
+            assert!(parse(&["--kernel", "/k", "--disk", bad]).is_err(), "{bad}");
+        }
+        assert!(parse(&["--kernel", "/k", "--io-threads", "0"]).is_err());
     }
 
     #[test]
