@@ -7,6 +7,7 @@
 
 pub mod line;
 pub mod msi;
+pub mod msix;
 pub mod routing;
 
 pub use line::{IrqLine, LineTrigger};

@@ -1,5 +1,8 @@
 //! PCI: configuration space, the root complex (ECAM and ports 0xCF8/0xCFC), and BARs.
 
+pub mod config;
+pub mod root;
+
 /// A PCI function's address on its segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciAddress {

@@ -5,6 +5,8 @@
 //! (`block`) sees only [`VirtioDevice`]: its features, its configuration space, and, once the
 //! driver sets DRIVER_OK, its queues with their notifiers and an interrupt handle.
 
+pub mod pci;
+
 use std::sync::Arc;
 
 use virtio_queue::Queue;
