@@ -5,6 +5,7 @@ mod boot;
 mod config;
 mod cpuid;
 mod layout;
+mod pci;
 mod vcpu;
 mod vm;
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use devices::legacy::{power, serial, AcpiPowerDevice, PowerEvent, SerialConsole};
 use devices::Bus;
-use irq::IrqLine;
+use irq::{GsiRouter, IrqLine};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -17,6 +17,7 @@ use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
 use crate::layout;
+use crate::pci::{PciError, PciSegment};
 use crate::vcpu::{self, VcpuContext, VcpuError};
 
 /// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
@@ -70,6 +71,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Pci(#[from] PciError),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -118,7 +121,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(VmError::MissingCapability(cap));
     }
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     vm.set_tss_address(layout::KVM_TSS_START as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
@@ -180,8 +183,11 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         Arc::new(Mutex::new(power_device)),
     )
     .map_err(|e| VmError::Device(e.to_string()))?;
+    let mut mmio = Bus::new();
+    let router = GsiRouter::new(vm.clone(), irq::routing::KVM_MAX_ROUTES);
+    let _pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mmio = Arc::new(mmio);
 
     let supported = kvm
         .get_supported_cpuid(MAX_CPUID_ENTRIES)
