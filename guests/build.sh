@@ -11,6 +11,7 @@
 #   BLKSWARM_CACHE         cache directory (default: <repo>/.cache)
 #   BLKSWARM_KERNEL_VERSION  kernel to use (default: 6.12.117+deb12-amd64; if apt no
 #                          longer has it, the newest 6.12 unsigned amd64 image is used)
+#   BLKSWARM_JOBS          parallel make jobs for the fio build (default: nproc)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,8 +20,8 @@ CACHE=${BLKSWARM_CACHE:-$REPO/.cache}
 WANT_KVER=${BLKSWARM_KERNEL_VERSION:-6.12.117+deb12-amd64}
 
 # Modules (plus what `modprobe --show-depends` adds) per initramfs.
-GUEST_MODULES="virtio_blk nvme"
-LAB_MODULES="kvm-amd"
+GUEST_MODULES=(virtio_blk nvme)
+LAB_MODULES=(kvm-amd)
 
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Quiet apt, no "_apt cannot access" sandbox warnings for downloads into the cache.
@@ -55,6 +56,9 @@ replace_dir() {
 }
 # Write stdin to file $1 atomically.
 put_file() { local t; t=$(mktemp "$1.tmp.XXXXXX"); cat >"$t"; chmod 644 "$t"; mv -f "$t" "$1"; }
+
+# The first existing path among $@ (unmatched globs stay literal), else status 1.
+first_match() { local f; for f in "$@"; do if [ -e "$f" ]; then echo "$f"; return 0; fi; done; return 1; }
 
 APT_UPDATED=0
 apt_update_once() {
@@ -149,14 +153,14 @@ install_qemu() {
 download_deb() {
     local pkg=$1 f
     mkdir -p "$CACHE/debs"
-    f=$(ls "$CACHE/debs/${pkg}"_*.deb 2>/dev/null | head -1 || true)
+    f=$(first_match "$CACHE/debs/${pkg}"_*.deb || true)
     if [ -n "$f" ]; then echo "$f"; return; fi
     local t; t=$(mktmp deb)
     if ! (cd "$t" && apt-get "${APT_OPTS[@]}" download "$pkg" >/dev/null 2>&1); then
         apt_update_once
         (cd "$t" && apt-get "${APT_OPTS[@]}" download "$pkg" >/dev/null)
     fi
-    f=$(ls "$t/${pkg}"_*.deb | head -1)
+    f=$(first_match "$t/${pkg}"_*.deb) || die "apt-get download $pkg gave no .deb"
     mv "$f" "$CACHE/debs/"
     echo "$CACHE/debs/$(basename "$f")"
 }
@@ -190,7 +194,7 @@ kernel() {
     deb=$(download_deb "$pkg")
     t=$(mktmp kernel)
     dpkg -x "$deb" "$t/root"
-    local vml; vml=$(ls "$t/root/boot/vmlinuz-"* | head -1)
+    local vml; vml=$(first_match "$t/root/boot/vmlinuz-"* || true)
     [ -f "$vml" ] || die "no boot/vmlinuz-* in $deb"
     depmod -b "$t/root" "$KVER"
     : >"$t/.complete"
@@ -231,6 +235,82 @@ busybox() {
 }
 
 # ---------------------------------------------------------------------------------
+# 2b. fio: a small static build from the Debian source package
+# ---------------------------------------------------------------------------------
+# Debian's fio binary links ~85 MB of libraries (ceph, gluster, ...); this build is a
+# ~2.8 MB stripped static binary with the libaio and io_uring engines.
+FIO_CONFIGURE=(--build-static --disable-native --disable-numa --disable-rdma --disable-gfapi
+               --disable-http --disable-rados --disable-rbd --disable-libnfs --disable-xnvme
+               --disable-tcmalloc --disable-dfs --disable-pmem --disable-libzbc)
+FIO="$CACHE/fio/fio"
+
+# Build tools and libaio-dev, installed only if missing.
+fio_build_deps() {
+    local need=() pair
+    for pair in gcc:gcc make:make dpkg-dev:dpkg-source binutils:strip; do
+        command -v "${pair#*:}" >/dev/null 2>&1 || need+=("${pair%%:*}")
+    done
+    [ -f /usr/include/libaio.h ] || need+=(libaio-dev)
+    [ ${#need[@]} -gt 0 ] || return 0
+    if ! apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
+        apt_update_once
+        apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${need[@]}" >/dev/null
+    fi
+    FIO_INSTALLED=" (installed ${need[*]})"
+}
+
+# Downloads the fio source package into $CACHE/src/fio (once) through a private
+# deb-src list derived from the machine's own apt sources; /etc/apt is not touched.
+fio_source() {
+    local dir="$CACHE/src/fio" dsc
+    dsc=$(first_match "$dir"/fio_*.dsc || true)
+    if [ -n "$dsc" ] && [ -f "$dir/.complete" ]; then echo "$dsc"; return; fi
+    local main apt="$CACHE/apt-src" t
+    main=$(mirror_uri bookworm)
+    [ -n "$main" ] || die "no apt source with suite 'bookworm' found in /etc/apt (needed for a deb-src line)"
+    mkdir -p "$apt/lists/partial"
+    echo "deb-src [signed-by=$KEYRING] $main bookworm main" | put_file "$apt/sources.list"
+    local priv=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$apt/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
+    apt-get "${APT_OPTS[@]}" "${priv[@]}" update >/dev/null
+    t=$(mktmp fio-src)
+    (cd "$t" && apt-get "${APT_OPTS[@]}" "${priv[@]}" source --download-only fio >/dev/null) \
+        || die "apt-get source --download-only fio failed"
+    : >"$t/.complete"
+    mkdir -p "$CACHE/src"
+    replace_dir "$t" "$dir"
+    first_match "$dir"/fio_*.dsc || die "no fio_*.dsc in the downloaded source package"
+}
+
+fio_step() {
+    local want
+    want=$( { printf '%s\n' "${FIO_CONFIGURE[@]}"; declare -f fio_step fio_build_deps; } | sha256sum | cut -d' ' -f1)
+    if [ -f "$CACHE/fio/.complete" ] && [ -x "$FIO" ] && [ "$(cat "$CACHE/fio/.stamp" 2>/dev/null)" = "$want" ]; then
+        step fio "cached (fio $(cat "$CACHE/fio/.version"), $(du -k "$FIO" | cut -f1) KiB static)"
+        return
+    fi
+    FIO_INSTALLED=""
+    fio_build_deps
+    local dsc t
+    dsc=$(fio_source)
+    t=$(mktmp fio)
+    dpkg-source --no-check -x "$dsc" "$t/src" >/dev/null
+    (cd "$t/src" && ./configure "${FIO_CONFIGURE[@]}" >"$t/configure.log" 2>&1 \
+        && make -j"${BLKSWARM_JOBS:-$(nproc)}" fio >"$t/make.log" 2>&1) \
+        || { tail -20 "$t/configure.log" "$t/make.log" >&2 2>/dev/null; die "fio build failed"; }
+    grep -q '^Linux AIO support *yes' "$t/configure.log" || die "fio configure found no libaio (libaio-dev?)"
+    mkdir -p "$t/out"
+    strip -o "$t/out/fio" "$t/src/fio"
+    "$t/out/fio" --enghelp | grep -qw libaio || die "built fio lacks the libaio engine"
+    "$t/out/fio" --enghelp | grep -qw io_uring || die "built fio lacks the io_uring engine"
+    "$t/out/fio" --version | sed 's/^fio-//' >"$t/out/.version"
+    echo "$want" >"$t/out/.stamp"
+    : >"$t/out/.complete"
+    replace_dir "$t/out" "$CACHE/fio"
+    step fio "built fio $(cat "$CACHE/fio/.version") from $(basename "$dsc") ($(du -k "$FIO" | cut -f1) KiB static, stripped)$FIO_INSTALLED"
+}
+
+# ---------------------------------------------------------------------------------
 # 3. Initramfs images
 # ---------------------------------------------------------------------------------
 # Module files (absolute, .ko.xz) for modules $@, in load order, deduplicated.
@@ -243,7 +323,12 @@ module_files() {
 
 # make_initramfs NAME INIT_SCRIPT OUTPUT MODULES...
 # Staging tree: busybox + applet links, /dev/console, decompressed modules in
-# /lib/modules/*.ko with their load order in /etc/modules, and /init.
+# /lib/modules/*.ko with their load order in /etc/modules, /init, and the files of
+# the EXTRA_FILES array ("HOST_PATH:/ABS/PATH/IN/IMAGE", mode 755), all gzip'd. The
+# files of RAW_FILES (same syntax) follow in a second, uncompressed newc archive: the
+# kernel unpacks both into one rootfs. Used for fio: a static binary that gzip shrinks
+# only 2.8 -> 0.9 MB, while inflating it costs the L2 guest boot time under TCG (see
+# guests/README.md); copying 2.8 MB more costs next to nothing.
 make_initramfs() {
     local name=$1 init=$2 out=$3; shift 3
     local t root f base
@@ -269,6 +354,9 @@ make_initramfs() {
     done
     echo "$KVER" >"$root/etc/kernel-version"
     install -m 755 "$init" "$root/init"
+    for f in "${EXTRA_FILES[@]}"; do
+        install -D -m 755 "${f%%:*}" "$root${f#*:}"
+    done
     find "$root" -exec touch -h -d @0 {} +   # reproducible archive
     (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
         | cpio --null -o -H newc --owner=0:0 --reproducible --quiet) | gzip -9n >"$t/out.cpio.gz"
@@ -277,6 +365,16 @@ make_initramfs() {
     # start of compressed archive" otherwise); zero bytes between archives are skipped.
     local size; size=$(stat -c %s "$t/out.cpio.gz")
     head -c $(( (4 - size % 4) % 4 )) /dev/zero >>"$t/out.cpio.gz"
+    if [ ${#RAW_FILES[@]} -gt 0 ]; then
+        mkdir -p "$t/raw"
+        for f in "${RAW_FILES[@]}"; do
+            install -D -m 755 "${f%%:*}" "$t/raw${f#*:}"
+        done
+        find "$t/raw" -exec touch -h -d @0 {} +
+        # GNU cpio pads the archive to 512 bytes, so anything appended later stays aligned.
+        (cd "$t/raw" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
+            | cpio --null -o -H newc --owner=0:0 --reproducible --quiet) >>"$t/out.cpio.gz"
+    fi
     mv -f "$t/out.cpio.gz" "$out"
     MODLIST=$(tr '\n' ' ' <"$root/etc/modules")
 }
@@ -287,6 +385,10 @@ initramfs_step() {
     local label=$1 init=$2 out=$3; shift 3
     local stamp="$out.stamp" want
     want=$( { cat "$init"; echo "$KVER"; cat "$CACHE/busybox/.version"; echo "$*";
+              for f in "${EXTRA_FILES[@]}" - "${RAW_FILES[@]}"; do
+                  [ "$f" = - ] && { echo raw; continue; }
+                  echo "${f#*:}"; sha256sum <"${f%%:*}"
+              done
               declare -f make_initramfs module_files; } | sha256sum | cut -d' ' -f1)
     if [ -f "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         step "$label" "cached ($(basename "$out"), $(du -k "$out" | cut -f1) KiB)"
@@ -305,5 +407,9 @@ install_qemu
 kernel
 lab_kernel
 busybox
-initramfs_step guest-initramfs "$GUESTS/guest-init.sh" "$CACHE/guest/initramfs.cpio.gz" $GUEST_MODULES
-initramfs_step lab-initramfs "$GUESTS/lab-init.sh" "$CACHE/lab/l1-base.cpio.gz" $LAB_MODULES
+fio_step
+EXTRA_FILES=("$GUESTS/pattern.sh:/bin/blkswarm-pattern")
+RAW_FILES=("$FIO:/usr/bin/fio")
+initramfs_step guest-initramfs "$GUESTS/guest-init.sh" "$CACHE/guest/initramfs.cpio.gz" "${GUEST_MODULES[@]}"
+RAW_FILES=()
+initramfs_step lab-initramfs "$GUESTS/lab-init.sh" "$CACHE/lab/l1-base.cpio.gz" "${LAB_MODULES[@]}"

@@ -1,12 +1,19 @@
 #!/bin/sh
+# shellcheck shell=dash
+# (busybox ash, checked as dash: both have `local`)
 # blkswarm L2 test guest /init (busybox sh). Built into guest/initramfs.cpio.gz by
 # guests/build.sh.
 #
-# Kernel command line:
-#   blkswarm.scenario=NAME   boot (default) | disks
-#   blkswarm.expect=N        disks: wait until N disks are visible (else wait for a plateau)
-#   blkswarm.timeout=S       disks: give up waiting after S seconds (default 60)
+# Kernel command line (guests/README.md has the full table):
+#   blkswarm.scenario=NAME   boot (default) | disks | disk-info | fio | pattern-write |
+#                            ro-check
+#   blkswarm.expect=N        wait until N disks are visible (else wait for a plateau)
+#   blkswarm.timeout=S       give up waiting for disks after S seconds (default 60)
 #   blkswarm.exit=MODE       poweroff (default: `poweroff -f`) | reboot (`reboot -f`)
+#   blkswarm.disk=NAME       fio, pattern-write, ro-check: the disk (default: the first)
+#   fio: blkswarm.rw= bs= iodepth= numjobs= runtime= size= ioengine= direct= verify=
+#   pattern-write: blkswarm.seed=N blkswarm.sectors=N
+#   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
 #
 # Output: only result lines "@@guest key=value ..." (serial output is expensive in the
 # lab), ending with "@@guest done"; then the guest powers off. Whatever fails, "done"
@@ -27,17 +34,45 @@ SCEN=boot
 EXPECT=
 TIMEOUT=60
 EXIT_MODE=poweroff
+DISK=
+FIO_RW=randread
+FIO_BS=4k
+FIO_QD=1
+FIO_JOBS=1
+FIO_RUNTIME=
+FIO_SIZE=
+FIO_ENGINE=libaio
+FIO_DIRECT=1
+FIO_VERIFY=
+SEED=1
+SECTORS=2048
+IRQS=1
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-for w in $(cat /proc/cmdline 2>/dev/null); do
+CMDLINE=
+read -r CMDLINE </proc/cmdline 2>/dev/null
+for w in $CMDLINE; do
     case $w in
         blkswarm.scenario=*) SCEN=${w#*=} ;;
         blkswarm.expect=*) EXPECT=${w#*=} ;;
         blkswarm.timeout=*) TIMEOUT=${w#*=} ;;
         blkswarm.exit=*) EXIT_MODE=${w#*=} ;;
+        blkswarm.disk=*) DISK=${w#*=} ;;
+        blkswarm.rw=*) FIO_RW=${w#*=} ;;
+        blkswarm.bs=*) FIO_BS=${w#*=} ;;
+        blkswarm.iodepth=*) FIO_QD=${w#*=} ;;
+        blkswarm.numjobs=*) FIO_JOBS=${w#*=} ;;
+        blkswarm.runtime=*) FIO_RUNTIME=${w#*=} ;;
+        blkswarm.size=*) FIO_SIZE=${w#*=} ;;
+        blkswarm.ioengine=*) FIO_ENGINE=${w#*=} ;;
+        blkswarm.direct=*) FIO_DIRECT=${w#*=} ;;
+        blkswarm.verify=*) FIO_VERIFY=${w#*=} ;;
+        blkswarm.seed=*) SEED=${w#*=} ;;
+        blkswarm.sectors=*) SECTORS=${w#*=} ;;
+        blkswarm.irqs=*) IRQS=${w#*=} ;;
     esac
 done
 
@@ -102,12 +137,186 @@ scenario_disks() {
     out "uptime_ms=$(uptime_ms)"
 }
 
+# The disk a single-disk scenario works on: blkswarm.disk=NAME (waited for), else the
+# first disk once the disk count settles (or blkswarm.expect disks are there). Sets DISK.
+pick_disk() {
+    local deadline
+    if [ -n "$DISK" ]; then
+        deadline=$(( $(uptime_ms) + TIMEOUT * 1000 ))
+        while [ ! -b "/dev/$DISK" ] && [ "$(uptime_ms)" -lt "$deadline" ]; do sleep 0.1; done
+    else
+        wait_disks
+        DISK=$(list_disks | head -n 1)
+    fi
+    if [ -z "$DISK" ] || [ ! -b "/dev/$DISK" ]; then
+        out "error=no-disk disk=${DISK:-none} have=$(count_disks)"
+        return 1
+    fi
+    out "disk=$DISK"
+}
+
+# First line of file $1 (an error message) as one result-line value, at most 160 chars.
+first_line() { head -n 1 "$1" 2>/dev/null | cut -c1-160; }
+
+# /proc/interrupts -> "NAME COUNT" (count summed over CPUs) for virtio and NVMe vectors.
+irq_counts() {
+    awk 'NR == 1 { ncpu = NF; next }
+         $NF ~ /^(virtio[0-9]+-|nvme[0-9]+q[0-9]+$)/ {
+             c = 0; for (i = 2; i <= ncpu + 1; i++) c += $i; print $NF, c }' /proc/interrupts
+}
+
+scenario_disk_info() {
+    wait_disks
+    local n p m dev mq irqs
+    irq_counts >/tmp/irqs
+    for n in $(list_disks); do
+        # An NVMe multipath head nvme<S>n<H> (bio-based, no mq/) reports its first
+        # path disk nvme<S>c<C>n<H>, whose device is the controller nvme<C>.
+        p=$n
+        case $n in
+            nvme*n*)
+                m=${n#nvme}
+                for m in "/sys/block/nvme${m%%n*}c"*"n${n##*n}"; do
+                    if [ -e "$m" ]; then p=${m##*/}; fi
+                    break
+                done ;;
+        esac
+        set -- "/sys/block/$p/mq/"*
+        if [ -e "$1" ]; then mq=$#; else mq=0; fi
+        dev=$(readlink -f "/sys/block/$p/device"); dev=${dev##*/}
+        # Vectors of this disk's device: virtioN-config, virtioN-req.Q; nvmeNqQ.
+        irqs=$(awk -v d="$dev" 'index($1, d "-") == 1 || ($1 ~ "^" d "q[0-9]+$") { k++ } END { print k + 0 }' /tmp/irqs)
+        out "disk=$n size_sectors=$(cat "/sys/block/$n/size") mq=$mq lbs=$(cat "/sys/block/$n/queue/logical_block_size") ro=$(cat "/sys/block/$n/ro") dev=$dev vectors=$irqs"
+    done
+    if [ "$IRQS" = 1 ]; then
+        while read -r n c; do out "irq=$n count=$c"; done </tmp/irqs
+    fi
+    out "disks=$(count_disks)"
+    out "uptime_ms=$(uptime_ms)"
+}
+
+# fio's JSON output (one key per line) flattened to "a.b.c=value" lines; array
+# elements are numbered from 0: jobs.0.read.iops=1234.5,
+# jobs.0.read.clat_ns.percentile.99.000000=12345.
+flatten_json() {
+    awk '
+    function key(l) { sub(/^"/, "", l); sub(/"[ \t]*:.*$/, "", l); return l }
+    function path(  i, p) { p = st[1]; for (i = 2; i <= d; i++) p = p "." st[i]; return p }
+    {
+        l = $0; gsub(/^[ \t]+/, "", l); gsub(/[ \t,]+$/, "", l)
+        if (l ~ /^"[^"]*"[ \t]*:[ \t]*[{[]$/) { st[++d] = key(l); idx[d] = 0; next }
+        if (l == "{") { if (d > 0) { st[d + 1] = idx[d]++; d++ } next }
+        if (l ~ /^[]}]$/) { if (d > 0) d--; next }
+        if (l ~ /^"[^"]*"[ \t]*:/) {
+            v = l; sub(/^"[^"]*"[ \t]*:[ \t]*/, "", v); gsub(/"/, "", v)
+            print (d > 0 ? path() "." : "") key(l) "=" v
+        }
+    }'
+}
+
+# Value of flattened key $1 in /tmp/fio.flat (empty if absent).
+fio_get() { awk -v k="$1" 'index($0, k "=") == 1 { print substr($0, length(k) + 2); exit }' /tmp/fio.flat; }
+
+# Prints the results of one direction (read|write) if it did any I/O.
+fio_report_dir() {
+    local d=$1 ios p
+    ios=$(fio_get "jobs.0.$d.total_ios")
+    [ -n "$ios" ] && [ "$ios" != 0 ] || return 0
+    out "fio_${d}_iops=$(fio_get "jobs.0.$d.iops" | awk '{ printf "%.0f", $1 }')"
+    out "fio_${d}_bw_kib=$(fio_get "jobs.0.$d.bw")"
+    for p in 50:p50 99:p99 99.9:p999; do
+        out "fio_${d}_clat_${p#*:}_us=$(fio_get "jobs.0.$d.clat_ns.percentile.$(printf '%f' "${p%:*}")" | awk '{ printf "%.1f", $1 / 1000 }')"
+    done
+}
+
+scenario_fio() {
+    pick_disk || return 0
+    local rw=$FIO_RW rc err total
+    set -- --name=blkswarm "--filename=/dev/$DISK" "--bs=$FIO_BS" "--iodepth=$FIO_QD" \
+        "--numjobs=$FIO_JOBS" "--ioengine=$FIO_ENGINE" "--direct=$FIO_DIRECT" \
+        --group_reporting --output-format=json --output=/tmp/fio.json
+    if [ -n "$FIO_VERIFY" ]; then
+        # Write, then read everything back and check it; the first bad block fails the job.
+        case $rw in write | randwrite) ;; *) rw="write" ;; esac
+        set -- "$@" "--verify=$FIO_VERIFY" --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+            "--size=${FIO_SIZE:-16m}"
+        if [ -n "$FIO_RUNTIME" ]; then set -- "$@" "--runtime=$FIO_RUNTIME"; fi
+    else
+        if [ -n "$FIO_SIZE" ]; then set -- "$@" "--size=$FIO_SIZE"; fi
+        if [ -n "$FIO_RUNTIME" ] || [ -z "$FIO_SIZE" ]; then
+            set -- "$@" --time_based "--runtime=${FIO_RUNTIME:-5}"
+        fi
+    fi
+    set -- "$@" "--rw=$rw"
+    fio "$@" >/dev/null 2>/tmp/fio.err
+    rc=$?
+    out "fio_rc=$rc"
+    flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
+    err=$(fio_get jobs.0.error)
+    total=$(fio_get jobs.0.total_err)
+    [ -n "$total" ] || { [ "${err:-0}" = 0 ] && total=0 || total=1; }
+    out "fio_errors=$total"
+    if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
+        out "fio_error=${err:-none}"
+        out "fio_stderr=$(first_line /tmp/fio.err)"
+    fi
+    fio_report_dir read
+    fio_report_dir write
+    if [ -n "$FIO_VERIFY" ]; then
+        if [ "$rc" = 0 ] && [ "${err:-0}" = 0 ]; then out "fio_verify=ok"; else out "fio_verify=failed"; fi
+    fi
+}
+
+# Writes blkswarm-pattern SEED SECTORS (guests/pattern.sh) to the first SECTORS sectors
+# with O_DIRECT, fsyncs (a device flush), drops the page cache and reads it back.
+scenario_pattern_write() {
+    pick_disk || return 0
+    local bytes=$((SECTORS * 512)) want got rc
+    want=$(blkswarm-pattern "$SEED" "$SECTORS" | sha256sum); want=${want%% *}
+    blkswarm-pattern "$SEED" "$SECTORS" |
+        dd "of=/dev/$DISK" bs=64k iflag=fullblock oflag=direct conv=notrunc,fsync 2>/tmp/dd.err
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        out "error=pattern-write rc=$rc $(first_line /tmp/dd.err)"
+        return 0
+    fi
+    sync
+    blockdev --flushbufs "/dev/$DISK" 2>/dev/null
+    echo 3 >/proc/sys/vm/drop_caches
+    out "pattern_written=$SECTORS"
+    out "pattern_seed=$SEED"
+    out "pattern_sha256=$want"
+    got=$(dd "if=/dev/$DISK" bs=64k iflag=direct,count_bytes "count=$bytes" 2>/dev/null | sha256sum)
+    got=${got%% *}
+    if [ "$got" = "$want" ]; then out "pattern_readback=ok"; else out "pattern_readback=mismatch"; fi
+}
+
+# Tries to write one logical block (its own current contents, so nothing changes if the
+# write is wrongly accepted) with O_DIRECT + fsync.
+scenario_ro_check() {
+    pick_disk || return 0
+    local lbs
+    lbs=$(cat "/sys/block/$DISK/queue/logical_block_size")
+    out "ro_flag=$(cat "/sys/block/$DISK/ro")"
+    dd "if=/dev/$DISK" of=/tmp/block0 "bs=$lbs" count=1 iflag=direct 2>/dev/null
+    if dd if=/tmp/block0 "of=/dev/$DISK" "bs=$lbs" count=1 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err; then
+        out "ro_write=accepted"
+    else
+        out "ro_write=rejected"
+        out "ro_write_error=$(first_line /tmp/dd.err)"
+    fi
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
     case $SCEN in
         boot) scenario_boot ;;
         disks) scenario_disks ;;
+        disk-info) scenario_disk_info ;;
+        fio) scenario_fio ;;
+        pattern-write) scenario_pattern_write ;;
+        ro-check) scenario_ro_check ;;
         *) out "error=unknown-scenario" ;;
     esac
 }

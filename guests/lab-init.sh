@@ -1,4 +1,6 @@
 #!/bin/sh
+# shellcheck shell=dash disable=SC2317
+# (busybox ash, checked as dash; SC2317: the helpers are called by the sourced plan)
 # blkswarm lab (L1) /init (busybox sh). Built into lab/l1-base.cpio.gz by guests/build.sh.
 #
 # Runs inside QEMU TCG (-cpu max: emulated AMD SVM). Loads kvm-amd, checks /dev/kvm,
@@ -9,6 +11,16 @@
 #     prints "@@lab guest-begin name=NAME", runs CMD with stdin from /dev/null and
 #     stdout+stderr to the console, then "@@lab guest-end name=NAME rc=RC wall_ms=MS";
 #     returns RC.
+#
+# and helpers that a plan can run as guests (`run_guest NAME HELPER ARGS...`); they
+# print "@@guest" result lines ending in "@@guest done", so the harness turns their
+# output into an ordinary guest outcome:
+#
+#   make_image PATH SIZE              creates a sparse image file (truncate -s SIZE)
+#   report_file PATH [BYTES]          file_size= and file_sha256= (of the first BYTES)
+#   check_pattern PATH SEED SECTORS [FIRST]
+#                                     compares sectors FIRST.. of PATH with
+#                                     blkswarm-pattern SEED (guests/pattern.sh)
 #
 # Output lines: "@@lab kvm=ok" | "@@lab error=REASON", "@@lab ready uptime_ms=N",
 # guest-begin/guest-end pairs, "@@lab plan-end rc=N", "@@lab done"; then power-off.
@@ -36,7 +48,54 @@ run_guest() {
     rc=$?
     t1=$(now_ms)
     lab "guest-end name=$name rc=$rc wall_ms=$((t1 - t0))"
-    return $rc
+    return "$rc"
+}
+
+# Plan helpers (see the header). Each ends with "@@guest done" and returns 0 only when
+# it could do its job.
+make_image() {
+    local p=$1 size=$2
+    if ! mkdir -p "$(dirname "$p")" || ! truncate -s "$size" "$p"; then echo "@@guest error=make-image"; return 1; fi
+    echo "@@guest image=$p"
+    echo "@@guest image_size=$(stat -c %s "$p")"
+    echo "@@guest done"
+}
+
+report_file() {
+    local p=$1 n=${2:-} size sum
+    if [ ! -f "$p" ]; then echo "@@guest error=no-file"; return 1; fi
+    size=$(stat -c %s "$p")
+    if [ -n "$n" ]; then sum=$(head -c "$n" "$p" | sha256sum); else sum=$(sha256sum <"$p"); fi
+    echo "@@guest file=$p"
+    echo "@@guest file_size=$size"
+    echo "@@guest file_sha256_bytes=${n:-$size}"
+    echo "@@guest file_sha256=${sum%% *}"
+    echo "@@guest done"
+}
+
+check_pattern() {
+    local p=$1 seed=$2 n=$3 first=${4:-0} r c bad
+    if [ ! -f "$p" ]; then echo "@@guest error=no-file"; return 1; fi
+    blkswarm-pattern "$seed" "$n" "$first" >/tmp/pattern.expect || { echo "@@guest error=pattern-args"; return 1; }
+    r=$(dd "if=$p" bs=512 "skip=$first" "count=$n" 2>/dev/null | cmp /tmp/pattern.expect - 2>&1)
+    rm -f /tmp/pattern.expect
+    echo "@@guest pattern_sectors=$n"
+    if [ -z "$r" ]; then
+        echo "@@guest pattern_check=ok"
+        echo "@@guest done"
+        return 0
+    fi
+    echo "@@guest pattern_check=mismatch"
+    c=$(echo "$r" | sed -n 's/.* differ: char \([0-9]*\).*/\1/p')
+    if [ -n "$c" ]; then
+        bad=$((first + (c - 1) / 512))
+        echo "@@guest pattern_first_bad_sector=$bad"
+        echo "@@guest pattern_first_bad_record=$(dd "if=$p" bs=32 "skip=$(( (first * 512 + c - 1) / 32 ))" count=1 2>/dev/null | tr -c '[:print:]' '.')"
+    else
+        echo "@@guest pattern_cmp=$r"
+    fi
+    echo "@@guest done"
+    return 1
 }
 
 mount -t proc proc /proc 2>/dev/null
@@ -67,6 +126,7 @@ lab "ready uptime_ms=$(now_ms)"
 if [ -f /lab/plan.sh ]; then
     # Conveniences for the plan (paths inside the appended payload).
     export LAB_GUEST_KERNEL=/lab/guest/vmlinuz LAB_GUEST_INITRD=/lab/guest/initramfs.cpio.gz
+    # shellcheck source=/dev/null
     (cd /lab && . /lab/plan.sh)
     lab "plan-end rc=$?"
 else

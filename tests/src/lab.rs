@@ -132,6 +132,21 @@ fn ldd_libs(bin: &Path) -> Result<Vec<String>, HarnessError> {
     parse_ldd(&text).map_err(|e| HarnessError::Io(format!("{}: {e}", bin.display())))
 }
 
+/// A host binary and the shared libraries `ldd` names for it, as `(path in L1, host
+/// file)` pairs for [`crate::Runner::lab_file`]: the binary at `in_lab`, each library at
+/// its absolute path (the host file is the symlink-resolved library). A static binary
+/// gives just itself. Used to run other programs in the lab, e.g. QEMU as the L2 VMM.
+pub fn binary_with_libs(in_lab: &str, bin: &Path) -> Result<Vec<(String, PathBuf)>, HarnessError> {
+    let mut out = vec![(in_lab.to_string(), bin.to_path_buf())];
+    for lib in ldd_libs(bin)? {
+        let real = Path::new(&lib)
+            .canonicalize()
+            .map_err(io_err(format!("resolving {lib}")))?;
+        out.push((lib, real));
+    }
+    Ok(out)
+}
+
 /// One file of the payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadFile {
@@ -686,6 +701,20 @@ mod tests {
         );
         for l in libs {
             assert!(Path::new(&l).canonicalize().unwrap().is_file(), "{l}");
+        }
+    }
+
+    #[test]
+    fn binary_with_libs_on_host_binary() {
+        let files = binary_with_libs("/lab/bin/sh", Path::new("/bin/sh")).unwrap();
+        assert_eq!(
+            files[0],
+            ("/lab/bin/sh".to_string(), PathBuf::from("/bin/sh"))
+        );
+        assert!(files.len() > 1, "{files:?}");
+        for (in_lab, host) in &files[1..] {
+            assert!(in_lab.starts_with('/'), "{in_lab}");
+            assert!(host.is_file() && !host.is_symlink(), "{}", host.display());
         }
     }
 

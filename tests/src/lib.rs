@@ -498,6 +498,21 @@ impl Runner {
         self
     }
 
+    /// Adds a host binary to the lab payload at `in_lab`, with the shared libraries
+    /// `ldd` names for it at their absolute paths (see [`lab::binary_with_libs`]).
+    /// Ignored in direct mode, where guests use host paths.
+    pub fn lab_binary(
+        mut self,
+        in_lab: impl Into<String>,
+        host: impl AsRef<std::path::Path>,
+    ) -> Result<Self, HarnessError> {
+        if self.mode == Mode::Lab {
+            let files = lab::binary_with_libs(&in_lab.into(), host.as_ref())?;
+            self.lab_files.extend(files);
+        }
+        Ok(self)
+    }
+
     /// Runs every spec, in order (lab: all in one L1 boot). Returns one outcome per
     /// spec, in spec order, and in lab mode the lab report. Guests that failed, timed
     /// out or were lost are outcomes (see [`GuestOutcome::expect_clean`]); errors are

@@ -1,0 +1,641 @@
+//! blkswarm vs QEMU: the same test guest and the same fio job on one null-backed
+//! virtio-blk disk, run side by side in ONE lab boot (or directly on a host with
+//! VMX/SVM), then a table of IOPS and completion latency with the blkswarm/QEMU ratios.
+//!
+//! Numbers measured in the lab are inflated by TCG: only the ratios mean something, and
+//! only because both VMMs ran in the same L1, one after the other, per queue depth.
+//!
+//! cargo run --release -p blkswarm-tests --bin blkswarm-bench -- --runtime 5 --qd 1,32
+//! cargo run --release -p blkswarm-tests --bin blkswarm-bench -- --skip-blkswarm
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use harness::{paths, GuestOutcome, GuestSpec, Mode, Runner};
+
+const USAGE: &str = "\
+usage: blkswarm-bench [options]
+  --runtime S          fio time_based runtime per job, seconds (default 5)
+  --qd LIST            queue depths, comma-separated (default 1,32)
+  --rw MODE            fio rw (default randread)
+  --bs SIZE            fio block size (default 4k)
+  --ioengine E         libaio | io_uring (default libaio)
+  --cpus N             guest vCPUs (default 2); QEMU's virtio-blk gets N queues
+  --memory MIB         guest memory (default 1024)
+  --disk-size SIZE     null disk size for both VMMs, QEMU syntax (default 1G)
+  --blkswarm-args STR  blkswarm's disk arguments, whitespace-separated
+                       (default: \"--disk backend=null,size=<disk-size>\")
+  --skip-blkswarm      run QEMU only
+  --skip-qemu          run blkswarm only
+  --lab-memory MIB     L1 memory in lab mode (default 3072)
+Environment: BLKSWARM_MODE=direct|lab, BLKSWARM_VERBOSE=0 (quiet console),
+BLKSWARM_CACHE, BLKSWARM_BIN, BLKSWARM_QEMU (the L1 QEMU, also the QEMU measured),
+BLKSWARM_QEMU_FIRMWARE (directory with qboot.rom; default <qemu>/../share/qemu).
+Exit status: 0 when every VMM that ran completed every fio job, else 1; 2 bad usage.";
+
+/// Where QEMU and its firmware go inside L1.
+const LAB_QEMU: &str = "/lab/bench/qemu-system-x86_64";
+const LAB_QEMU_FIRMWARE: &str = "/lab/bench/qemu-firmware";
+/// Firmware files QEMU needs for qboot + direct kernel boot (no VGA, no NIC ROMs).
+const QEMU_FIRMWARE_FILES: [&str; 3] = ["qboot.rom", "linuxboot_dma.bin", "kvmvapic.bin"];
+/// Time a guest gets on top of the fio runtime: L2 boot (8-13 s in the lab), fio setup,
+/// result lines, power-off, with a wide margin for a slow lab.
+const GUEST_OVERHEAD: Duration = Duration::from_secs(150);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Cli {
+    runtime_s: u64,
+    qds: Vec<u32>,
+    rw: String,
+    bs: String,
+    ioengine: String,
+    cpus: u32,
+    memory_mib: u64,
+    disk_size: String,
+    blkswarm_args: Option<Vec<String>>,
+    skip_blkswarm: bool,
+    skip_qemu: bool,
+    lab_memory_mib: Option<u64>,
+}
+
+impl Default for Cli {
+    fn default() -> Cli {
+        Cli {
+            runtime_s: 5,
+            qds: vec![1, 32],
+            rw: "randread".into(),
+            bs: "4k".into(),
+            ioengine: "libaio".into(),
+            cpus: 2,
+            memory_mib: 1024,
+            disk_size: "1G".into(),
+            blkswarm_args: None,
+            skip_blkswarm: false,
+            skip_qemu: false,
+            lab_memory_mib: None,
+        }
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{flag} {v:?}: expected a number"))
+}
+
+/// A value safe to put in the guest kernel command line (one word, no quotes).
+fn cmdline_word(flag: &str, v: &str) -> Result<String, String> {
+    if v.is_empty()
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        return Err(format!("{flag} {v:?}: expected letters, digits, _ - ."));
+    }
+    Ok(v.to_string())
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
+    let mut cli = Cli::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "--runtime" => cli.runtime_s = parse_num(flag, &value()?)?,
+            "--qd" => {
+                cli.qds = value()?
+                    .split(',')
+                    .map(|q| parse_num(flag, q.trim()))
+                    .collect::<Result<_, _>>()?
+            }
+            "--rw" => cli.rw = cmdline_word(flag, &value()?)?,
+            "--bs" => cli.bs = cmdline_word(flag, &value()?)?,
+            "--ioengine" => cli.ioengine = cmdline_word(flag, &value()?)?,
+            "--cpus" => cli.cpus = parse_num(flag, &value()?)?,
+            "--memory" => cli.memory_mib = parse_num(flag, &value()?)?,
+            "--disk-size" => cli.disk_size = cmdline_word(flag, &value()?)?,
+            "--blkswarm-args" => {
+                cli.blkswarm_args = Some(value()?.split_whitespace().map(String::from).collect())
+            }
+            "--skip-blkswarm" => cli.skip_blkswarm = true,
+            "--skip-qemu" => cli.skip_qemu = true,
+            "--lab-memory" => cli.lab_memory_mib = Some(parse_num(flag, &value()?)?),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if cli.runtime_s == 0 {
+        return Err("--runtime must be at least 1 s".into());
+    }
+    if cli.qds.is_empty() || cli.qds.contains(&0) {
+        return Err("--qd needs queue depths >= 1".into());
+    }
+    if cli.cpus == 0 || cli.memory_mib == 0 {
+        return Err("--cpus and --memory must be > 0".into());
+    }
+    if cli.skip_blkswarm && cli.skip_qemu {
+        return Err("--skip-blkswarm and --skip-qemu leave nothing to run".into());
+    }
+    Ok(Some(cli))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Qemu,
+    Blkswarm,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Qemu => "qemu",
+            Vmm::Blkswarm => "blkswarm",
+        }
+    }
+}
+
+/// Where the QEMU that is measured, its firmware and the guest files are, as the
+/// command sees them (host paths in direct mode, L1 paths in the lab).
+struct QemuPaths {
+    qemu: String,
+    firmware: String,
+    kernel: String,
+    initramfs: String,
+}
+
+impl Cli {
+    /// The guest: same scenario, command line, vCPUs and memory for both VMMs.
+    fn guest(&self, name: String, qd: u32) -> GuestSpec {
+        GuestSpec::new(name, "fio")
+            .cpus(self.cpus, self.cpus)
+            .memory_mib(self.memory_mib)
+            .cmdline(&format!(
+                "blkswarm.rw={} blkswarm.bs={} blkswarm.iodepth={qd} blkswarm.numjobs=1 \
+                 blkswarm.runtime={} blkswarm.ioengine={} blkswarm.direct=1",
+                self.rw, self.bs, self.runtime_s, self.ioengine
+            ))
+            .timeout(Duration::from_secs(self.runtime_s) + GUEST_OVERHEAD)
+    }
+
+    fn blkswarm_disk_args(&self) -> Vec<String> {
+        self.blkswarm_args.clone().unwrap_or_else(|| {
+            vec![
+                "--disk".into(),
+                format!("backend=null,size={}", self.disk_size),
+            ]
+        })
+    }
+
+    fn blkswarm_spec(&self, qd: u32) -> GuestSpec {
+        let mut spec = self.guest(format!("blkswarm-qd{qd}"), qd);
+        spec.extra_args = self.blkswarm_disk_args();
+        spec
+    }
+
+    /// QEMU with qboot and direct kernel boot, one null-co virtio-blk-pci disk with a
+    /// queue per vCPU (QEMU's default, spelled out).
+    fn qemu_spec(&self, qd: u32, p: &QemuPaths) -> GuestSpec {
+        let guest = self.guest(format!("qemu-qd{qd}"), qd);
+        let argv: Vec<String> = [
+            p.qemu.as_str(),
+            "-L",
+            &p.firmware,
+            "-bios",
+            "qboot.rom",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            &self.cpus.to_string(),
+            "-m",
+            &self.memory_mib.to_string(),
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-vga",
+            "none",
+            "-kernel",
+            &p.kernel,
+            "-initrd",
+            &p.initramfs,
+            "-append",
+            &guest.kernel_cmdline(),
+            "-drive",
+            &format!("driver=null-co,size={},if=none,id=d0", self.disk_size),
+            "-device",
+            &format!("virtio-blk-pci,drive=d0,num-queues={}", self.cpus),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        guest.custom_command(argv)
+    }
+}
+
+fn firmware_dir(qemu: &Path) -> PathBuf {
+    if let Some(d) = std::env::var_os("BLKSWARM_QEMU_FIRMWARE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let real = qemu.canonicalize().unwrap_or_else(|_| qemu.to_path_buf());
+    real.parent()
+        .and_then(Path::parent)
+        .map(|prefix| prefix.join("share/qemu"))
+        .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"))
+}
+
+/// One measured row.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    vmm: Vmm,
+    qd: u32,
+    /// Ok((iops, p50, p99, p99.9)) or why there is no number.
+    result: Result<(f64, f64, f64, f64), String>,
+    wall_ms: Option<u64>,
+}
+
+/// The direction the table reports: read for read, randread and the mixed modes
+/// (rw, readwrite, randrw; their write half is in the guest's result lines), else write.
+fn direction(rw: &str) -> &'static str {
+    if rw.contains("read") || rw.ends_with("rw") {
+        "read"
+    } else {
+        "write"
+    }
+}
+
+fn row(vmm: Vmm, qd: u32, o: &GuestOutcome, dir: &str) -> Row {
+    let num = |k: &str| -> Result<f64, String> {
+        let key = format!("fio_{dir}_{k}");
+        o.get(&key)
+            .ok_or_else(|| format!("no `@@guest {key}=` line"))?
+            .parse::<f64>()
+            .map_err(|e| format!("{key}: {e}"))
+    };
+    let result = o.expect_clean().and_then(|()| {
+        if let Some(e) = o.get("error") {
+            return Err(format!("guest error: {e}"));
+        }
+        match o.get("fio_rc") {
+            Some("0") => {}
+            rc => {
+                return Err(format!(
+                    "fio failed: fio_rc={} {}",
+                    rc.unwrap_or("(none)"),
+                    o.get("fio_stderr").unwrap_or("")
+                ))
+            }
+        }
+        Ok((
+            num("iops")?,
+            num("clat_p50_us")?,
+            num("clat_p99_us")?,
+            num("clat_p999_us")?,
+        ))
+    });
+    Row {
+        vmm,
+        qd,
+        result,
+        wall_ms: o.wall_ms,
+    }
+}
+
+fn fmt_ratio(b: f64, q: f64) -> String {
+    if q > 0.0 {
+        format!("{:.2}", b / q)
+    } else {
+        "-".into()
+    }
+}
+
+/// The table, the ratios and one `@@bench` line per row.
+fn report(cli: &Cli, rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "{:<9} {:>4} {:>10} {:>13} {:>13} {:>14} {:>9}\n",
+        "VMM", "QD", "IOPS", "clat p50 us", "clat p99 us", "clat p99.9 us", "wall s"
+    ));
+    for r in rows {
+        let wall = r
+            .wall_ms
+            .map_or("-".to_string(), |w| format!("{:.1}", w as f64 / 1000.0));
+        match &r.result {
+            Ok((iops, p50, p99, p999)) => s.push_str(&format!(
+                "{:<9} {:>4} {:>10.0} {:>13.1} {:>13.1} {:>14.1} {:>9}\n",
+                r.vmm.name(),
+                r.qd,
+                iops,
+                p50,
+                p99,
+                p999,
+                wall
+            )),
+            Err(e) => s.push_str(&format!(
+                "{:<9} {:>4} {:>10} {}\n",
+                r.vmm.name(),
+                r.qd,
+                "FAILED",
+                e.lines().next().unwrap_or("")
+            )),
+        }
+    }
+    let find = |vmm: Vmm, qd: u32| {
+        rows.iter()
+            .find(|r| r.vmm == vmm && r.qd == qd)
+            .and_then(|r| r.result.as_ref().ok())
+    };
+    let mut ratio_lines = Vec::new();
+    for &qd in &cli.qds {
+        if let (Some(b), Some(q)) = (find(Vmm::Blkswarm, qd), find(Vmm::Qemu, qd)) {
+            ratio_lines.push(format!(
+                "{:<9} {:>4} {:>10} {:>13} {:>13} {:>14}\n",
+                "b/q",
+                qd,
+                fmt_ratio(b.0, q.0),
+                fmt_ratio(b.1, q.1),
+                fmt_ratio(b.2, q.2),
+                fmt_ratio(b.3, q.3)
+            ));
+        }
+    }
+    if !ratio_lines.is_empty() {
+        s.push_str(
+            "ratio blkswarm/qemu (IOPS: higher is better for blkswarm; latency: lower is):\n",
+        );
+        for l in ratio_lines {
+            s.push_str(&l);
+        }
+    }
+    for r in rows {
+        match &r.result {
+            Ok((iops, p50, p99, p999)) => s.push_str(&format!(
+                "@@bench vmm={} qd={} rw={} bs={} ioengine={} iops={iops:.0} clat_p50_us={p50:.1} \
+                 clat_p99_us={p99:.1} clat_p999_us={p999:.1}\n",
+                r.vmm.name(),
+                r.qd,
+                cli.rw,
+                cli.bs,
+                cli.ioengine
+            )),
+            Err(_) => s.push_str(&format!(
+                "@@bench vmm={} qd={} failed\n",
+                r.vmm.name(),
+                r.qd
+            )),
+        }
+    }
+    s
+}
+
+fn run(cli: &Cli) -> Result<bool, String> {
+    let mut runner = Runner::detect().map_err(|e| e.to_string())?;
+    if let Some(mib) = cli.lab_memory_mib {
+        runner = runner.lab_memory_mib(mib);
+    }
+    let p = runner.paths().clone();
+    p.require_artifacts(runner.mode() == Mode::Lab)
+        .map_err(|e| e.to_string())?;
+    let lab = runner.mode() == Mode::Lab;
+
+    let mut qemu_paths = None;
+    if !cli.skip_qemu {
+        let qemu = paths::find_qemu()?;
+        let fw = firmware_dir(&qemu);
+        for f in QEMU_FIRMWARE_FILES {
+            if !fw.join(f).is_file() {
+                return Err(format!(
+                    "QEMU firmware {} missing (set BLKSWARM_QEMU_FIRMWARE)",
+                    fw.join(f).display()
+                ));
+            }
+        }
+        qemu_paths = Some(if lab {
+            runner = runner
+                .lab_binary(LAB_QEMU, &qemu)
+                .map_err(|e| e.to_string())?;
+            for f in QEMU_FIRMWARE_FILES {
+                runner = runner.lab_file(format!("{LAB_QEMU_FIRMWARE}/{f}"), fw.join(f));
+            }
+            if cli.skip_blkswarm {
+                // Without a blkswarm guest the harness ships no guest files: add them.
+                runner = runner
+                    .lab_file(harness::lab::LAB_KERNEL, p.guest_kernel())
+                    .lab_file(harness::lab::LAB_INITRAMFS, p.guest_initramfs());
+            }
+            QemuPaths {
+                qemu: LAB_QEMU.into(),
+                firmware: LAB_QEMU_FIRMWARE.into(),
+                kernel: harness::lab::LAB_KERNEL.into(),
+                initramfs: harness::lab::LAB_INITRAMFS.into(),
+            }
+        } else {
+            let s = |p: PathBuf| p.to_string_lossy().into_owned();
+            QemuPaths {
+                qemu: s(qemu),
+                firmware: s(fw),
+                kernel: s(p.guest_kernel()),
+                initramfs: s(p.guest_initramfs()),
+            }
+        });
+    }
+
+    // Per queue depth, QEMU then blkswarm, back to back.
+    let mut plan: Vec<(Vmm, u32, GuestSpec)> = Vec::new();
+    for &qd in &cli.qds {
+        if let Some(qp) = &qemu_paths {
+            plan.push((Vmm::Qemu, qd, cli.qemu_spec(qd, qp)));
+        }
+        if !cli.skip_blkswarm {
+            plan.push((Vmm::Blkswarm, qd, cli.blkswarm_spec(qd)));
+        }
+    }
+    eprintln!(
+        "bench: {} {} QD {:?}, {} s each, {} vCPUs, {} MiB, 1 null disk of {}; blkswarm disk args: {}",
+        cli.rw,
+        cli.bs,
+        cli.qds,
+        cli.runtime_s,
+        cli.cpus,
+        cli.memory_mib,
+        cli.disk_size,
+        if cli.skip_blkswarm {
+            "(skipped)".to_string()
+        } else {
+            cli.blkswarm_disk_args().join(" ")
+        }
+    );
+    let specs: Vec<GuestSpec> = plan.iter().map(|(_, _, s)| s.clone()).collect();
+    let (outcomes, lab_report) = runner.run(&specs).map_err(|e| e.to_string())?;
+
+    let dir = direction(&cli.rw);
+    let rows: Vec<Row> = plan
+        .iter()
+        .zip(&outcomes)
+        .map(|((vmm, qd, _), o)| row(*vmm, *qd, o, dir))
+        .collect();
+    // Say loudly why a VMM failed, with its console tail (blkswarm until it has disks).
+    for (r, o) in rows.iter().zip(&outcomes) {
+        if let Err(e) = &r.result {
+            eprintln!(
+                "\nbench: {} QD{} FAILED: {}\n--- last console lines of '{}' ---\n{}\n---",
+                r.vmm.name(),
+                r.qd,
+                e.lines().next().unwrap_or(""),
+                o.name,
+                harness::tail(&o.console, 15)
+            );
+        }
+    }
+    println!(
+        "\n== blkswarm-bench: {} {} {}, direct=1, {} s per job, {} vCPUs, 1 null virtio-blk disk ({})",
+        cli.rw,
+        cli.bs,
+        cli.ioengine,
+        cli.runtime_s,
+        cli.cpus,
+        cli.disk_size
+    );
+    println!("mode: {} ({})", runner.mode(), runner.why());
+    if let Some(l) = &lab_report {
+        println!(
+            "lab: L1 ready after {} ms, whole run {} s; numbers are TCG-inflated: compare ratios only",
+            l.l1_ready_ms.map_or("-".into(), |v| v.to_string()),
+            l.total_ms / 1000
+        );
+    }
+    print!("{}", report(cli, &rows));
+    Ok(rows.iter().all(|r| r.result.is_ok()))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = match parse_args(&args) {
+        Ok(Some(cli)) => cli,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("blkswarm-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("blkswarm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn cli_parsing() {
+        let cli = parse_args(&args(&[
+            "--runtime=3",
+            "--qd",
+            "1, 8,32",
+            "--skip-blkswarm",
+            "--blkswarm-args",
+            "--disk null,size=2G --x",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cli.runtime_s, 3);
+        assert_eq!(cli.qds, [1, 8, 32]);
+        assert!(cli.skip_blkswarm);
+        assert_eq!(cli.blkswarm_disk_args(), ["--disk", "null,size=2G", "--x"]);
+        assert_eq!(
+            Cli::default().blkswarm_disk_args(),
+            ["--disk", "backend=null,size=1G"]
+        );
+        assert!(parse_args(&args(&["--qd", "0"])).is_err());
+        assert!(parse_args(&args(&["--rw", "rand read"])).is_err());
+        assert!(parse_args(&args(&["--skip-qemu", "--skip-blkswarm"])).is_err());
+        assert!(parse_args(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
+    fn both_vmms_get_the_same_guest() {
+        let cli = Cli::default();
+        let p = QemuPaths {
+            qemu: "/q".into(),
+            firmware: "/fw".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+        };
+        let q = cli.qemu_spec(32, &p);
+        let b = cli.blkswarm_spec(32);
+        let argv = q.command.clone().unwrap();
+        let append = argv.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(argv[append + 1], b.kernel_cmdline());
+        assert!(b.kernel_cmdline().contains("blkswarm.iodepth=32"));
+        assert!(b.kernel_cmdline().contains("blkswarm.scenario=fio"));
+        assert!(argv.contains(&"driver=null-co,size=1G,if=none,id=d0".to_string()));
+        let bargv = b.argv("/lab/blkswarm", "/k", "/i");
+        assert!(bargv.ends_with(&["--disk".to_string(), "backend=null,size=1G".to_string()]));
+        assert!(bargv.contains(&"boot=2,max=2".to_string()));
+        assert_eq!(q.timeout, b.timeout);
+    }
+
+    #[test]
+    fn rows_and_report() {
+        let mut o = GuestOutcome {
+            name: "qemu-qd1".into(),
+            mode: Mode::Lab,
+            exit_code: Some(0),
+            wall_ms: Some(15000),
+            results: [
+                ("fio_rc", "0"),
+                ("fio_read_iops", "473"),
+                ("fio_read_clat_p50_us", "1105.9"),
+                ("fio_read_clat_p99_us", "5603.3"),
+                ("fio_read_clat_p999_us", "10420.2"),
+                ("done", ""),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            vmm: Vec::new(),
+            console: String::new(),
+            done: true,
+            lost: None,
+        };
+        let q = row(Vmm::Qemu, 1, &o, "read");
+        assert_eq!(q.result, Ok((473.0, 1105.9, 5603.3, 10420.2)));
+        o.results[1].1 = "946".into();
+        let b = row(Vmm::Blkswarm, 1, &o, "read");
+        o.exit_code = Some(1);
+        o.done = false;
+        o.console = "error: unknown option --disk\n".into();
+        let failed = row(Vmm::Blkswarm, 32, &o, "read");
+        assert!(failed.result.as_ref().unwrap_err().contains("exit code 1"));
+        let text = report(&Cli::default(), &[q, b, failed]);
+        assert!(text.contains("b/q          1       2.00"), "{text}");
+        assert!(text.contains("blkswarm    32     FAILED"), "{text}");
+        assert!(text.contains("@@bench vmm=qemu qd=1 rw=randread bs=4k ioengine=libaio iops=473 "));
+        assert!(text.contains("@@bench vmm=blkswarm qd=32 failed"));
+        assert_eq!(direction("randrw"), "read");
+        assert_eq!(direction("randwrite"), "write");
+    }
+}
