@@ -4,6 +4,7 @@
 //! process by a test without KVM. The VMM owns the buses and wires the models to KVM exits.
 
 pub mod bus;
+pub mod io;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;

@@ -5,7 +5,10 @@
 //! (`block`) sees only [`VirtioDevice`]: its features, its configuration space, and, once the
 //! driver sets DRIVER_OK, its queues with their notifiers and an interrupt handle.
 
+pub mod block;
 pub mod pci;
+#[cfg(test)]
+pub mod testing;
 
 use std::sync::Arc;
 
