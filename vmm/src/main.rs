@@ -4,6 +4,7 @@ mod acpi;
 mod boot;
 mod config;
 mod cpuid;
+mod disks;
 mod layout;
 mod pci;
 mod vcpu;

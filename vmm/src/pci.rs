@@ -46,7 +46,6 @@ pub struct PciSegment {
     memory: GuestMemoryMmap,
     next_bar: u64,
     notifiers: Arc<Mutex<NotifyMap>>,
-    virtio_devices: Vec<(PciAddress, Arc<Mutex<VirtioPciDevice>>)>,
 }
 
 fn register_ioeventfd(vm: &VmFd, address: u64, event: &EventFd) -> Result<(), PciError> {
@@ -122,7 +121,6 @@ impl PciSegment {
             memory,
             next_bar: layout::PCI_MMIO64_START,
             notifiers,
-            virtio_devices: Vec::new(),
         })
     }
 
@@ -163,17 +161,11 @@ impl PciSegment {
             events.push((address - bar0, event));
         }
         debug_assert!(events.iter().all(|(offset, _)| *offset >= NOTIFY_OFFSET));
-        let transport = Arc::new(Mutex::new(transport));
-        let address = self.root.add_device(transport.clone())?;
+        let address = self.root.add_device(Arc::new(Mutex::new(transport)))?;
         self.notifiers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(address, events);
-        self.virtio_devices.push((address, transport));
         Ok(address)
-    }
-
-    pub fn virtio_devices(&self) -> &[(PciAddress, Arc<Mutex<VirtioPciDevice>>)] {
-        &self.virtio_devices
     }
 }

@@ -16,6 +16,7 @@ use crate::acpi::{self, AcpiConfig, PciHostBridge};
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
+use crate::disks::{self, DiskError};
 use crate::layout;
 use crate::pci::{PciError, PciSegment};
 use crate::vcpu::{self, VcpuContext, VcpuError};
@@ -73,6 +74,8 @@ pub enum VmError {
     Device(String),
     #[error(transparent)]
     Pci(#[from] PciError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -185,7 +188,10 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     .map_err(|e| VmError::Device(e.to_string()))?;
     let mut mmio = Bus::new();
     let router = GsiRouter::new(vm.clone(), irq::routing::KVM_MAX_ROUTES);
-    let _pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
+    let mut pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
+    let io_threads = config.io_threads.unwrap_or_else(disks::default_io_threads);
+    // Kept alive until the process exits: its workers serve every queue.
+    let _io_pool = disks::create_disks(&config.disks, io_threads, &mut pci)?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 

@@ -1,0 +1,83 @@
+//! Disks from the command line: backends opened, virtio-blk devices created and placed on
+//! PCI, all served by one I/O worker pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
+use devices::virtio::block::{Block, BlockConfig, BlockError};
+
+use crate::config::{DiskBackendConfig, DiskConfig};
+use crate::pci::{PciError, PciSegment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("I/O worker pool: {0}")]
+    Pool(#[from] IoPoolError),
+    #[error("disk {index}: {source}")]
+    Backend {
+        index: usize,
+        #[source]
+        source: BackendError,
+    },
+    #[error("disk {index}: {source}")]
+    Block {
+        index: usize,
+        #[source]
+        source: BlockError,
+    },
+    #[error("disk {index}: {source}")]
+    Pci {
+        index: usize,
+        #[source]
+        source: PciError,
+    },
+}
+
+/// Worker threads when `--io-threads` is not given: one per host CPU.
+pub fn default_io_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn open_backend(disk: &DiskConfig) -> Result<BlockBackend, BackendError> {
+    match &disk.backend {
+        DiskBackendConfig::File { path, direct } => {
+            BlockBackend::open_raw_file(path, *direct, disk.read_only)
+        }
+        DiskBackendConfig::Null {
+            size_bytes,
+            latency_us,
+        } => Ok(BlockBackend::null(
+            *size_bytes,
+            (*latency_us > 0).then(|| Duration::from_micros(*latency_us)),
+        )),
+    }
+}
+
+/// Creates every disk on `pci`; returns the pool serving them.
+pub fn create_disks(
+    disks: &[DiskConfig],
+    io_threads: usize,
+    pci: &mut PciSegment,
+) -> Result<Arc<IoPool>, DiskError> {
+    let pool = Arc::new(IoPool::new(io_threads)?);
+    for (index, disk) in disks.iter().enumerate() {
+        let backend = open_backend(disk).map_err(|source| DiskError::Backend { index, source })?;
+        let block = Block::new(
+            BlockConfig {
+                backend,
+                num_queues: disk.num_queues,
+                queue_size: disk.queue_size,
+                read_only: disk.read_only,
+                serial: format!("blkswarm{index}"),
+            },
+            pool.clone(),
+        )
+        .map_err(|source| DiskError::Block { index, source })?;
+        // One vector per queue plus one for configuration changes: what Linux asks for first.
+        let vectors = disk.num_queues + 1;
+        pci.add_virtio(Box::new(block), vectors)
+            .map_err(|source| DiskError::Pci { index, source })?;
+    }
+    Ok(pool)
+}
