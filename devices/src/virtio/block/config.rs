@@ -25,7 +25,7 @@ const WRITE_ZEROES_MAY_UNMAP: usize = 56;
 pub struct BlockConfigSpace {
     /// In 512-byte sectors, whatever `blk_size` says.
     pub capacity_sectors: u64,
-    /// Largest segment; meaningful only with SIZE_MAX, which is not offered (zero).
+    /// Largest segment the driver should send (SIZE_MAX).
     pub size_max: u32,
     pub seg_max: u32,
     pub blk_size: u32,
@@ -94,7 +94,7 @@ mod tests {
     fn layout_matches_the_spec() {
         let space = BlockConfigSpace {
             capacity_sectors: 0x0102_0304_0506_0708,
-            size_max: 0,
+            size_max: 0x10_0000,
             seg_max: 126,
             blk_size: 512,
             writeback: 0,
@@ -109,6 +109,7 @@ mod tests {
         let bytes = space.to_bytes();
         let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
         assert_eq!(bytes[0..8], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(le32(8), 0x10_0000);
         assert_eq!(le32(12), 126);
         assert_eq!(le32(16), 0, "geometry");
         assert_eq!(le32(20), 512);

@@ -50,6 +50,10 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Upper bound on `seg_max`: QEMU's default (queue size 256 minus header and status); keeps a
 /// request's host buffers far below UIO_MAXIOV even when segments split across memory regions.
 pub const MAX_SEGMENTS: u32 = 254;
+/// Largest segment (one descriptor's buffer) the driver should send, offered with SIZE_MAX:
+/// seg_max segments of this size stay within MAX_REQUEST_DATA_BYTES. Longer descriptors are
+/// still served; the limit only shapes what Linux builds.
+pub const MAX_SEGMENT_BYTES: u32 = 1 << 20;
 /// Logical block size advertised: what Linux guests and raw images assume by default.
 pub const BLOCK_SIZE_BYTES: u32 = 512;
 /// Largest DISCARD: bounds the work one guest request asks of the host file system.
@@ -257,6 +261,7 @@ impl Block {
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_SIZE_MAX
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH;
@@ -270,7 +275,7 @@ impl Block {
         }
         let config_space = BlockConfigSpace {
             capacity_sectors,
-            size_max: 0,
+            size_max: MAX_SEGMENT_BYTES,
             seg_max,
             blk_size: BLOCK_SIZE_BYTES,
             writeback: 0,

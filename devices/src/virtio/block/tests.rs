@@ -287,6 +287,7 @@ fn features_and_config_space() {
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_BLK_F_SIZE_MAX,
         VIRTIO_BLK_F_SEG_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
         VIRTIO_BLK_F_FLUSH,
@@ -296,7 +297,7 @@ fn features_and_config_space() {
     ] {
         assert_ne!(features & feature, 0, "{feature:#x}");
     }
-    assert_eq!(features & (VIRTIO_BLK_F_RO | VIRTIO_BLK_F_SIZE_MAX), 0);
+    assert_eq!(features & VIRTIO_BLK_F_RO, 0);
     assert_eq!(block.device_type(), VIRTIO_ID_BLOCK);
     assert_eq!(block.num_queues(), 4);
     assert_eq!(block.max_queue_size(), 128);
@@ -305,6 +306,10 @@ fn features_and_config_space() {
     assert_eq!(
         u64::from_le_bytes(config[0..8].try_into().unwrap()),
         1 << 21
+    );
+    assert_eq!(
+        u32::from_le_bytes(config[8..12].try_into().unwrap()),
+        MAX_SEGMENT_BYTES
     );
     assert_eq!(u32::from_le_bytes(config[12..16].try_into().unwrap()), 126);
     assert_eq!(u32::from_le_bytes(config[20..24].try_into().unwrap()), 512);
