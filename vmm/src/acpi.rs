@@ -143,8 +143,14 @@ pub struct PciHostBridge {
     pub ecam_base: u64,
     /// Last bus number; ECAM covers buses `0..=last_bus`, 1 MiB each.
     pub last_bus: u8,
+    /// Root buses `0..root_buses`, one ACPI host bridge each: more than 32 devices need more
+    /// than one bus, and separate root bridges need no PCI-to-PCI bridge programming.
+    pub root_buses: u8,
+    /// 32-bit window (bus 0 only).
     pub mmio32: (u32, u32),
-    pub mmio64: (u64, u64),
+    /// Start of the 64-bit window; root bus n forwards `[start + n * bus_window, +bus_window)`.
+    pub mmio64_start: u64,
+    pub bus_window: u64,
 }
 
 impl PciHostBridge {
@@ -308,12 +314,33 @@ fn build_mcfg(pci: &PciHostBridge) -> Vec<u8> {
     aml_bytes(&mcfg)
 }
 
-/// `\_SB_.PCI0`, the host bridge of segment 0, and `\_SB_.MBRD`, the motherboard resource
-/// that reserves its ECAM (Linux ignores an MCFG region that nothing reserves).
+/// One host bridge per root bus (`\_SB_.PCI0` for bus 0, `PC01`.. after it), and
+/// `\_SB_.MBRD`, the motherboard resource that reserves the ECAM (Linux ignores an MCFG region
+/// that nothing reserves).
 fn build_pci_devices(pci: &PciHostBridge, sink: &mut Vec<u8>) {
+    for bus in 0..pci.root_buses {
+        build_host_bridge(pci, bus, sink);
+    }
+    let ecam = aml::Memory32Fixed::new(false, pci.ecam_base as u32, pci.ecam_size() as u32);
+    let mbrd_resources = aml::ResourceTemplate::new(vec![&ecam]);
+    let mbrd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let mbrd_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let mbrd_crs = aml::Name::new("_CRS".into(), &mbrd_resources);
+    aml::Device::new("_SB_.MBRD".into(), vec![&mbrd_hid, &mbrd_uid, &mbrd_crs]).to_aml_bytes(sink);
+}
+
+fn host_bridge_name(bus: u8) -> String {
+    if bus == 0 {
+        "_SB_.PCI0".to_string()
+    } else {
+        format!("_SB_.PC{bus:02X}")
+    }
+}
+
+fn build_host_bridge(pci: &PciHostBridge, bus: u8, sink: &mut Vec<u8>) {
     let (mmio32_base, mmio32_size) = pci.mmio32;
-    let (mmio64_base, mmio64_size) = pci.mmio64;
-    let buses = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.last_bus));
+    let mmio64_base = pci.mmio64_start + u64::from(bus) * pci.bus_window;
+    let bus_range = aml::AddressSpace::new_bus_number(u16::from(bus), u16::from(bus));
     let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
     let mmio32 = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
@@ -326,31 +353,28 @@ fn build_pci_devices(pci: &PciHostBridge, sink: &mut Vec<u8>) {
         aml::AddressSpaceCacheable::NotCacheable,
         true,
         mmio64_base,
-        mmio64_base + (mmio64_size - 1),
+        mmio64_base + (pci.bus_window - 1),
         None,
     );
-    let pci0_resources = aml::ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]);
-    let pci0_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
-    let pci0_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
-    let pci0_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let pci0_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
-    let pci0_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
-    let pci0_adr = aml::Name::new("_ADR".into(), &aml::ZERO);
-    let pci0_crs = aml::Name::new("_CRS".into(), &pci0_resources);
+    // Bus 0 also forwards the legacy config ports and the 32-bit window.
+    let resources: Vec<&dyn Aml> = if bus == 0 {
+        vec![&bus_range, &config_ports, &mmio32, &mmio64]
+    } else {
+        vec![&bus_range, &mmio64]
+    };
+    let crs = aml::ResourceTemplate::new(resources);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let uid = aml::Name::new("_UID".into(), &bus);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &bus);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
     aml::Device::new(
-        "_SB_.PCI0".into(),
-        vec![
-            &pci0_hid, &pci0_cid, &pci0_uid, &pci0_seg, &pci0_bbn, &pci0_adr, &pci0_crs,
-        ],
+        host_bridge_name(bus).as_str().into(),
+        vec![&hid, &cid, &uid, &seg, &bbn, &adr, &crs],
     )
     .to_aml_bytes(sink);
-
-    let ecam = aml::Memory32Fixed::new(false, pci.ecam_base as u32, pci.ecam_size() as u32);
-    let mbrd_resources = aml::ResourceTemplate::new(vec![&ecam]);
-    let mbrd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
-    let mbrd_uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let mbrd_crs = aml::Name::new("_CRS".into(), &mbrd_resources);
-    aml::Device::new("_SB_.MBRD".into(), vec![&mbrd_hid, &mbrd_uid, &mbrd_crs]).to_aml_bytes(sink);
 }
 
 fn build_dsdt(pci: &PciHostBridge) -> Vec<u8> {
@@ -583,8 +607,10 @@ mod tests {
     const TEST_PCI: PciHostBridge = PciHostBridge {
         ecam_base: 0xe000_0000,
         last_bus: 255,
+        root_buses: 1,
         mmio32: (0xc000_0000, 0x2000_0000),
-        mmio64: (0x40_0000_0000, 0x10_0000_0000),
+        mmio64_start: 0x40_0000_0000,
+        bus_window: 1 << 30,
     };
 
     fn config(boot_cpus: u32, max_cpus: u32) -> AcpiConfig {
@@ -681,6 +707,39 @@ mod tests {
         ]));
         // The 64-bit window's minimum appears as a little-endian QWord.
         assert!(contains(&0x40_0000_0000u64.to_le_bytes()));
+        assert!(!contains(b"PC01"), "one root bus configured");
+    }
+
+    #[test]
+    fn each_root_bus_gets_a_host_bridge_with_its_own_window() {
+        let mem = guest_mem(2 << 20);
+        let cfg = AcpiConfig {
+            boot_cpus: 1,
+            max_cpus: 1,
+            pci: PciHostBridge {
+                root_buses: 17,
+                ..TEST_PCI
+            },
+        };
+        let tables = write_acpi_tables(&mem, &cfg).unwrap();
+        let rsdp = read(&mem, tables.rsdp_addr.0, RSDP_LEN);
+        let xsdt = read_table(&mem, u64_at(&rsdp, 24));
+        let fadt = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| read_table(&mem, u64_at(&xsdt, o)))
+            .find(|t| &t[0..4] == b"FACP")
+            .unwrap();
+        let dsdt = read_table(&mem, u64_at(&fadt, FADT_X_DSDT));
+        assert_eq!(sum(&dsdt), 0);
+        let body = &dsdt[36..];
+        let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        for bus in 1..17u64 {
+            let name = format!("PC{bus:02X}");
+            assert!(contains(name.as_bytes()), "{name}");
+            let window = 0x40_0000_0000u64 + bus * (1 << 30);
+            assert!(contains(&window.to_le_bytes()), "window of bus {bus}");
+        }
+        assert!(!contains(b"PC11"), "no 18th bridge");
     }
 
     #[derive(Debug, PartialEq)]

@@ -8,7 +8,7 @@ use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 
 use crate::config::{DiskBackendConfig, DiskConfig};
-use crate::pci::{PciError, PciSegment};
+use crate::pci::{PciError, PciSegment, VirtioFunction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -54,13 +54,21 @@ fn open_backend(disk: &DiskConfig) -> Result<BlockBackend, BackendError> {
     }
 }
 
-/// Creates every disk on `pci`; returns the pool serving them.
+/// The disks of a VM and the pool serving them.
+pub struct Disks {
+    pub pool: Arc<IoPool>,
+    /// One per `--disk`, in command-line order.
+    pub functions: Vec<VirtioFunction>,
+}
+
+/// Creates every disk on `pci`.
 pub fn create_disks(
     disks: &[DiskConfig],
     io_threads: usize,
     pci: &mut PciSegment,
-) -> Result<Arc<IoPool>, DiskError> {
+) -> Result<Disks, DiskError> {
     let pool = Arc::new(IoPool::new(io_threads)?);
+    let mut functions = Vec::with_capacity(disks.len());
     for (index, disk) in disks.iter().enumerate() {
         let backend = open_backend(disk).map_err(|source| DiskError::Backend { index, source })?;
         let block = Block::new(
@@ -76,8 +84,10 @@ pub fn create_disks(
         .map_err(|source| DiskError::Block { index, source })?;
         // One vector per queue plus one for configuration changes: what Linux asks for first.
         let vectors = disk.num_queues + 1;
-        pci.add_virtio(Box::new(block), vectors)
+        let function = pci
+            .add_virtio(Box::new(block), vectors)
             .map_err(|source| DiskError::Pci { index, source })?;
+        functions.push(function);
     }
-    Ok(pool)
+    Ok(Disks { pool, functions })
 }

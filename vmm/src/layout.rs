@@ -44,6 +44,11 @@ pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES << 20;
 /// physical address bits.
 pub const PCI_MMIO64_START: u64 = 0x40_0000_0000;
 pub const PCI_MMIO64_SIZE: u64 = 0x10_0000_0000;
+/// Each root bus (one ACPI host bridge each) forwards its own slice of the 64-bit window:
+/// host bridges' windows must not overlap, and 1 GiB holds 32 devices of any BAR size we use.
+pub const PCI_BUS_WINDOW_BYTES: u64 = 1 << 30;
+/// Root buses the 64-bit window has slices for; 64 x 32 devices is well past 1000 disks.
+pub const PCI_ROOT_BUSES_MAX: u64 = PCI_MMIO64_SIZE / PCI_BUS_WINDOW_BYTES;
 /// Guest RAM must end below the 64-bit PCI window.
 pub const MAX_RAM_BYTES: u64 = PCI_MMIO64_START - MMIO_GAP_END + MMIO_GAP_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
@@ -64,6 +69,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 }
 
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+const _: () = assert!(PCI_ROOT_BUSES_MAX <= PCI_ECAM_BUSES);
 
 // The boot stack grows down from between the zero page and the page tables.
 const _: () = assert!(BOOT_STACK_TOP < PML4_START.0 && BOOT_STACK_TOP > ZERO_PAGE_START.0 + 0x1000);

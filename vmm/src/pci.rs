@@ -22,8 +22,10 @@ pub enum PciError {
     Root(#[from] devices::pci::root::PciRootError),
     #[error("bus: {0}")]
     Bus(#[from] devices::BusError),
-    #[error("the 64-bit PCI window ({size:#x} bytes) is full")]
-    WindowFull { size: u64 },
+    #[error("the window of PCI bus {bus} ({size:#x} bytes) is full")]
+    WindowFull { bus: u8, size: u64 },
+    #[error("all {max} PCI root buses are full")]
+    BusesFull { max: u64 },
     #[error("virtio-pci: {0}")]
     Transport(#[from] devices::virtio::pci::VirtioPciError),
     #[error("MSI-X vector: {0}")]
@@ -36,14 +38,42 @@ pub enum PciError {
     },
 }
 
+/// A virtio function on the segment, kept by the VMM for its host-side view.
+#[derive(Clone)]
+pub struct VirtioFunction {
+    pub address: PciAddress,
+    pub transport: Arc<Mutex<VirtioPciDevice>>,
+}
+
 /// A function's ioeventfds, as offsets into its BAR 0, so they can follow a BAR move.
 type NotifyMap = HashMap<PciAddress, Vec<(u64, Arc<EventFd>)>>;
+
+/// Device numbers on bus 0 start after the host bridge (00:00.0).
+const FIRST_DEVICE_ON_BUS_0: u8 = 1;
+const DEVICES_PER_BUS: u8 = 32;
+
+/// Root buses needed for `devices` functions: bus 0 holds 31 (after the host bridge), every
+/// further bus 32. Always at least one.
+pub fn root_buses_for(devices: usize) -> u8 {
+    let on_bus_0 = usize::from(DEVICES_PER_BUS - FIRST_DEVICE_ON_BUS_0);
+    let extra = devices
+        .saturating_sub(on_bus_0)
+        .div_ceil(usize::from(DEVICES_PER_BUS));
+    (1 + extra).min(usize::from(u8::MAX)) as u8
+}
+
+fn bus_window_start(bus: u8) -> u64 {
+    layout::PCI_MMIO64_START + u64::from(bus) * layout::PCI_BUS_WINDOW_BYTES
+}
 
 pub struct PciSegment {
     root: Arc<PciRoot>,
     vm: Arc<VmFd>,
     router: Arc<GsiRouter>,
     memory: GuestMemoryMmap,
+    /// Where the next function goes: devices fill bus 0, then bus 1, and so on, each bus's
+    /// BARs inside that bus's slice of the 64-bit window.
+    next_slot: PciAddress,
     next_bar: u64,
     notifiers: Arc<Mutex<NotifyMap>>,
 }
@@ -119,32 +149,56 @@ impl PciSegment {
             vm,
             router,
             memory,
-            next_bar: layout::PCI_MMIO64_START,
+            next_slot: PciAddress {
+                bus: 0,
+                device: FIRST_DEVICE_ON_BUS_0,
+                function: 0,
+            },
+            next_bar: bus_window_start(0),
             notifiers,
         })
     }
 
-    /// Places a BAR of `size` bytes (a power of two), naturally aligned.
-    fn allocate_bar(&mut self, size: u64) -> Result<u64, PciError> {
+    /// The next free slot, and a naturally aligned place for a BAR of `size` bytes (a power
+    /// of two) in its bus's window.
+    fn allocate(&mut self, size: u64) -> Result<(PciAddress, u64), PciError> {
+        if self.next_slot.device == DEVICES_PER_BUS {
+            let bus = self.next_slot.bus + 1;
+            if u64::from(bus) >= layout::PCI_ROOT_BUSES_MAX {
+                return Err(PciError::BusesFull {
+                    max: layout::PCI_ROOT_BUSES_MAX,
+                });
+            }
+            self.next_slot = PciAddress {
+                bus,
+                device: 0,
+                function: 0,
+            };
+            self.next_bar = bus_window_start(bus);
+        }
+        let slot = self.next_slot;
         let address = self.next_bar.next_multiple_of(size);
-        let end = layout::PCI_MMIO64_START + layout::PCI_MMIO64_SIZE;
-        if address.checked_add(size).is_none_or(|e| e > end) {
+        let window_end = bus_window_start(slot.bus) + layout::PCI_BUS_WINDOW_BYTES;
+        if address.checked_add(size).is_none_or(|end| end > window_end) {
             return Err(PciError::WindowFull {
-                size: layout::PCI_MMIO64_SIZE,
+                bus: slot.bus,
+                size: layout::PCI_BUS_WINDOW_BYTES,
             });
         }
         self.next_bar = address + size;
-        Ok(address)
+        self.next_slot.device += 1;
+        Ok((slot, address))
     }
 
-    /// Adds a virtio device with `vectors` MSI-X vectors behind a virtio-pci transport.
+    /// Adds a virtio device with `vectors` MSI-X vectors behind a virtio-pci transport, in
+    /// the order [`root_buses_for`] assumes.
     pub fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,
         vectors: u16,
-    ) -> Result<PciAddress, PciError> {
+    ) -> Result<VirtioFunction, PciError> {
         let layout = Bar0Layout::new(device.num_queues(), vectors);
-        let bar0 = self.allocate_bar(layout.size)?;
+        let (slot, bar0) = self.allocate(layout.size)?;
         let msix_vectors = (0..vectors)
             .map(|_| {
                 self.router
@@ -161,11 +215,38 @@ impl PciSegment {
             events.push((address - bar0, event));
         }
         debug_assert!(events.iter().all(|(offset, _)| *offset >= NOTIFY_OFFSET));
-        let address = self.root.add_device(Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        let address = slot;
+        self.root.add_device_at(address, transport.clone())?;
         self.notifiers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(address, events);
-        Ok(address)
+        Ok(VirtioFunction { address, transport })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_buses_fill_bus_0_after_the_host_bridge() {
+        assert_eq!(root_buses_for(0), 1);
+        assert_eq!(root_buses_for(31), 1);
+        assert_eq!(root_buses_for(32), 2);
+        assert_eq!(root_buses_for(63), 2);
+        assert_eq!(root_buses_for(64), 3);
+        assert_eq!(root_buses_for(500), 16);
+        assert_eq!(root_buses_for(1000), 32);
+    }
+
+    #[test]
+    fn bus_windows_are_disjoint_slices_of_the_64_bit_window() {
+        assert_eq!(bus_window_start(0), layout::PCI_MMIO64_START);
+        assert_eq!(
+            bus_window_start((layout::PCI_ROOT_BUSES_MAX - 1) as u8) + layout::PCI_BUS_WINDOW_BYTES,
+            layout::PCI_MMIO64_START + layout::PCI_MMIO64_SIZE
+        );
     }
 }

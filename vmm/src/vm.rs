@@ -18,7 +18,7 @@ use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
 use crate::disks::{self, DiskError};
 use crate::layout;
-use crate::pci::{PciError, PciSegment};
+use crate::pci::{self, PciError, PciSegment};
 use crate::vcpu::{self, VcpuContext, VcpuError};
 
 /// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
@@ -147,11 +147,13 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
             pci: PciHostBridge {
                 ecam_base: layout::PCI_ECAM_START,
                 last_bus: (layout::PCI_ECAM_BUSES - 1) as u8,
+                root_buses: pci::root_buses_for(config.disks.len()),
                 mmio32: (
                     layout::PCI_MMIO32_START as u32,
                     layout::PCI_MMIO32_SIZE as u32,
                 ),
-                mmio64: (layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE),
+                mmio64_start: layout::PCI_MMIO64_START,
+                bus_window: layout::PCI_BUS_WINDOW_BYTES,
             },
         },
     )?;
@@ -190,8 +192,17 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let router = GsiRouter::new(vm.clone(), irq::routing::KVM_MAX_ROUTES);
     let mut pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
     let io_threads = config.io_threads.unwrap_or_else(disks::default_io_threads);
-    // Kept alive until the process exits: its workers serve every queue.
-    let _io_pool = disks::create_disks(&config.disks, io_threads, &mut pci)?;
+    // Kept alive until the process exits: the pool's workers serve every queue.
+    let disks = disks::create_disks(&config.disks, io_threads, &mut pci)?;
+    if let (Some(first), Some(last)) = (disks.functions.first(), disks.functions.last()) {
+        eprintln!(
+            "@@vmm disks count={} io_threads={} first_pci={} last_pci={}",
+            disks.functions.len(),
+            disks.pool.worker_count(),
+            first.address,
+            last.address
+        );
+    }
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
@@ -235,5 +246,14 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         let _ = console.flush();
     }
     let _ = std::io::stdout().flush();
+    let driver_ok = disks
+        .functions
+        .iter()
+        .filter(|f| f.transport.lock().is_ok_and(|t| t.is_active()))
+        .count();
+    eprintln!(
+        "@@vmm disks_driver_ok={driver_ok} disks_total={}",
+        disks.functions.len()
+    );
     Ok(exit)
 }

@@ -11,6 +11,17 @@ pub struct PciAddress {
     pub function: u8,
 }
 
+/// Segment 0 in Linux's notation, `0000:bb:dd.f`, so host reports match the guest's sysfs.
+impl std::fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
+    }
+}
+
 /// A memory BAR as the VMM placed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarRegion {
