@@ -36,6 +36,17 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_NUM_QUEUES: u16 = 256;
 /// Virtqueue sizes are powers of two up to 32768 (virtio 1.2, 2.7).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Largest MSI-X table a function may have (PCI: Table Size is an 11-bit field).
+pub const MAX_MSIX_VECTORS: u16 = irq::msix::MSIX_MAX_VECTORS as u16;
+/// Most disks on one command line. Only guards the memory spent expanding `--disks` groups
+/// before the resource budget runs; the PCI topology's real limit is lower and the budget
+/// names it.
+pub const MAX_DISKS: usize = 1 << 16;
+/// Longest artificial latency of a null disk: a minute, past any guest I/O timeout worth
+/// testing.
+pub const MAX_LATENCY_US: u64 = 60_000_000;
+/// Placeholder `--disks path=` patterns must contain, replaced by the disk's index in its group.
+pub const DISK_INDEX_PLACEHOLDER: &str = "%d";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -43,6 +54,18 @@ pub struct DiskConfig {
     pub read_only: bool,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// MSI-X table size of the disk's PCI function; fewer than `num_queues + 1` makes the
+    /// guest share vectors or fail (S1).
+    pub msix_vectors: u16,
+    /// Whether the function has a legacy INTx line (S1's fallback path).
+    pub intx: bool,
+}
+
+impl DiskConfig {
+    /// What Linux asks for first: one vector per queue plus one for configuration changes.
+    pub fn default_msix_vectors(num_queues: u16) -> u16 {
+        num_queues + 1
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +78,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// I/O worker threads; None: one per host CPU.
     pub io_threads: Option<usize>,
+    /// Build the whole VM, then exit before the first guest instruction: measures the
+    /// VMM's own creation cost (time, memory) without a guest.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -85,6 +111,12 @@ pub enum ConfigError {
     BadCpuCount { boot: u32, max: u32 },
     #[error("--memory: {0} bytes is below the minimum of {MIN_MEMORY_BYTES}")]
     MemoryTooSmall(u64),
+    #[error(
+        "{option}: intx=on is not supported yet (INTx delivery is not implemented); use intx=off"
+    )]
+    IntxUnsupported { option: String },
+    #[error("{disks} disks: at most {MAX_DISKS} fit on one command line")]
+    TooManyDisks { disks: usize },
     #[error("--memory: {0} bytes would overlap the PCI MMIO window; the maximum is {max}", max = crate::layout::MAX_RAM_BYTES)]
     MemoryTooLarge(u64),
 }
@@ -92,15 +124,28 @@ pub enum ConfigError {
 pub const USAGE: &str = "\
 usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                 [--cpus boot=N[,max=M]] [--memory size=SIZE]
+                [--disk KEYS]... [--disks count=N,KEYS]... [--io-threads N]
 
   --kernel PATH          bzImage to boot directly (no firmware)
   --initramfs PATH       initramfs handed to the kernel
   --cmdline STR          kernel command line
   --cpus boot=N,max=M    N vCPUs online at boot, M possible (default boot=1, max=boot)
   --memory size=SIZE     guest RAM, e.g. 512M or 2G (default 512M)
-  --disk path=IMG[,readonly=on][,direct=on][,num_queues=N][,queue_size=N]
-  --disk backend=null,size=SIZE[,latency_us=N][,num_queues=N][,queue_size=N]
+  --disk path=IMG[,readonly=on][,direct=on][,DISK_KEYS]
+  --disk backend=null,size=SIZE[,latency_us=N][,DISK_KEYS]
                          a virtio-blk PCI disk; repeatable
+  --disks count=N,path=/dir/disk%d.img[,readonly=on][,direct=on][,DISK_KEYS]
+  --disks count=N,dir=/dir[,readonly=on][,direct=on][,DISK_KEYS]
+  --disks count=N,backend=null,size=SIZE[,latency_us=N][,DISK_KEYS]
+                         a group of N identical disks; %d in path= is the index in the
+                         group (0-based), dir= means files disk0.img..disk<N-1>.img;
+                         repeatable, mixes with --disk in command-line order
+      DISK_KEYS: num_queues=N     virtqueues (default 1, at most 256)
+                 queue_size=N     entries per queue, a power of two (default 256)
+                 msix_vectors=N   MSI-X table size, 1..=2048 (default num_queues+1);
+                                  fewer than num_queues+1 makes the guest share vectors
+                 intx=off         no legacy INTx line (intx=on is not supported yet)
+  --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
 
 The guest's serial console (COM1) is stdout. VMM messages go to stderr; machine-readable
@@ -116,6 +161,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut memory_bytes = DEFAULT_MEMORY_BYTES;
     let mut disks = Vec::new();
     let mut io_threads = None;
+    let mut dry_run = false;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -137,7 +183,24 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             "--cmdline" => cmdline = value()?,
             "--cpus" => cpus = Some(parse_cpus(&value()?)?),
             "--memory" => memory_bytes = parse_memory(&value()?)?,
-            "--disk" => disks.push(parse_disk(&value()?)?),
+            "--disk" => {
+                if disks.len() >= MAX_DISKS {
+                    return Err(ConfigError::TooManyDisks {
+                        disks: disks.len() + 1,
+                    });
+                }
+                disks.push(parse_disk(&value()?)?)
+            }
+            "--disks" => {
+                let group = parse_disk_group(&value()?)?;
+                if disks.len() + group.count > MAX_DISKS {
+                    return Err(ConfigError::TooManyDisks {
+                        disks: disks.len() + group.count,
+                    });
+                }
+                disks.extend(group.expand());
+            }
+            "--dry-run" => dry_run = true,
             "--io-threads" => {
                 let text = value()?;
                 let threads = text
@@ -158,6 +221,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         memory_bytes,
         disks,
         io_threads,
+        dry_run,
     }))
 }
 
@@ -238,101 +302,292 @@ fn on_off(option: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn parse_disk(list: &str) -> Result<DiskConfig, ConfigError> {
-    const OPT: &str = "--disk";
-    let mut path = None;
-    let mut backend = None;
-    let mut size = None;
-    let mut latency_us = 0;
-    let mut direct = false;
-    let mut read_only = false;
-    let mut num_queues = DEFAULT_NUM_QUEUES;
-    let mut queue_size = DEFAULT_QUEUE_SIZE;
+/// The keys of `--disk` and `--disks`, read but not yet checked against each other.
+struct DiskKeys<'a> {
+    option: &'static str,
+    count: Option<usize>,
+    path: Option<&'a str>,
+    dir: Option<&'a str>,
+    backend: Option<&'a str>,
+    size: Option<u64>,
+    latency_us: u64,
+    direct: bool,
+    read_only: bool,
+    num_queues: u16,
+    queue_size: u16,
+    msix_vectors: Option<u16>,
+}
+
+/// Reads a disk option's keys; `count` and `dir` exist only for groups.
+fn read_disk_keys<'a>(
+    option: &'static str,
+    list: &'a str,
+    group: bool,
+) -> Result<DiskKeys<'a>, ConfigError> {
+    let mut keys = DiskKeys {
+        option,
+        count: None,
+        path: None,
+        dir: None,
+        backend: None,
+        size: None,
+        latency_us: 0,
+        direct: false,
+        read_only: false,
+        num_queues: DEFAULT_NUM_QUEUES,
+        queue_size: DEFAULT_QUEUE_SIZE,
+        msix_vectors: None,
+    };
     for (key, value) in key_values(list) {
-        let number = |max: u64| {
+        let number = |min: u64, max: u64| {
             value
                 .parse::<u64>()
                 .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| bad_value(OPT, key, value, format!("expected 0..={max}")))
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| bad_value(option, key, value, format!("expected {min}..={max}")))
         };
         match key {
-            "path" => path = Some(PathBuf::from(value)),
-            "backend" => backend = Some(value.to_string()),
+            "count" if group => keys.count = Some(number(1, MAX_DISKS as u64)? as usize),
+            "dir" if group => keys.dir = Some(value),
+            "path" => keys.path = Some(value),
+            "backend" => keys.backend = Some(value),
             "size" => {
-                size = Some(
+                keys.size = Some(
                     parse_size(value)
-                        .ok_or_else(|| bad_value(OPT, key, value, "expected a size like 1G"))?,
+                        .ok_or_else(|| bad_value(option, key, value, "expected a size like 1G"))?,
                 )
             }
-            "latency_us" => latency_us = number(60_000_000)?,
-            "direct" => direct = on_off(OPT, key, value)?,
-            "readonly" => read_only = on_off(OPT, key, value)?,
-            "num_queues" => {
-                num_queues = number(u64::from(MAX_NUM_QUEUES))? as u16;
-                if num_queues == 0 {
-                    return Err(bad_value(OPT, key, value, "a disk needs a queue"));
+            "latency_us" => keys.latency_us = number(0, MAX_LATENCY_US)?,
+            "direct" => keys.direct = on_off(option, key, value)?,
+            "readonly" => keys.read_only = on_off(option, key, value)?,
+            "num_queues" => keys.num_queues = number(1, u64::from(MAX_NUM_QUEUES))? as u16,
+            "queue_size" => {
+                keys.queue_size = number(1, u64::from(MAX_QUEUE_SIZE))? as u16;
+                if !keys.queue_size.is_power_of_two() {
+                    return Err(bad_value(option, key, value, "expected a power of two"));
                 }
             }
-            "queue_size" => {
-                queue_size = number(u64::from(MAX_QUEUE_SIZE))? as u16;
-                if !queue_size.is_power_of_two() {
-                    return Err(bad_value(OPT, key, value, "expected a power of two"));
+            "msix_vectors" => {
+                // The virtio-pci transport always has an MSI-X capability with a table of at
+                // least one entry; a function without one needs INTx, which is not there yet.
+                if value == "0" {
+                    return Err(bad_value(
+                        option,
+                        key,
+                        value,
+                        format!(
+                            "a function without MSI-X is not supported yet; \
+                             expected 1..={MAX_MSIX_VECTORS}"
+                        ),
+                    ));
+                }
+                keys.msix_vectors = Some(number(1, u64::from(MAX_MSIX_VECTORS))? as u16);
+            }
+            "intx" => {
+                if on_off(option, key, value)? {
+                    return Err(ConfigError::IntxUnsupported {
+                        option: option.into(),
+                    });
                 }
             }
             _ => {
                 return Err(ConfigError::UnknownKey {
-                    option: OPT.into(),
+                    option: option.into(),
                     key: key.into(),
                 })
             }
         }
     }
-    let backend = match (backend.as_deref(), path) {
-        (None | Some("file"), Some(path)) => {
-            if size.is_some() || latency_us != 0 {
+    Ok(keys)
+}
+
+impl DiskKeys<'_> {
+    /// A disk with every setting but the backend's, which `backend` fills in.
+    fn disk(&self, backend: DiskBackendConfig) -> DiskConfig {
+        DiskConfig {
+            backend,
+            read_only: self.read_only,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            msix_vectors: self
+                .msix_vectors
+                .unwrap_or(DiskConfig::default_msix_vectors(self.num_queues)),
+            intx: false,
+        }
+    }
+
+    /// The null backend's settings, when `backend=null` was given.
+    fn null_backend(&self) -> Result<Option<DiskBackendConfig>, ConfigError> {
+        match self.backend {
+            None | Some("file") => return Ok(None),
+            Some("null") => {}
+            Some(other) => {
+                return Err(bad_value(
+                    self.option,
+                    "backend",
+                    other,
+                    "expected file or null",
+                ))
+            }
+        }
+        if self.path.is_some() || self.dir.is_some() {
+            return Err(bad_value(
+                self.option,
+                "backend",
+                "null",
+                "backend=null takes no path= or dir=",
+            ));
+        }
+        let size_bytes = self
+            .size
+            .ok_or_else(|| bad_value(self.option, "size", "", "backend=null needs size="))?;
+        if size_bytes == 0 || size_bytes % 512 != 0 {
+            return Err(bad_value(
+                self.option,
+                "size",
+                &size_bytes.to_string(),
+                "expected a non-zero multiple of 512",
+            ));
+        }
+        Ok(Some(DiskBackendConfig::Null {
+            size_bytes,
+            latency_us: self.latency_us,
+        }))
+    }
+
+    /// Refuses the null backend's keys on an image file.
+    fn check_file_keys(&self, location: &str) -> Result<(), ConfigError> {
+        if self.size.is_some() || self.latency_us != 0 {
+            return Err(bad_value(
+                self.option,
+                "path",
+                location,
+                "size= and latency_us= belong to backend=null",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_disk(list: &str) -> Result<DiskConfig, ConfigError> {
+    const OPT: &str = "--disk";
+    let keys = read_disk_keys(OPT, list, false)?;
+    if let Some(null) = keys.null_backend()? {
+        return Ok(keys.disk(null));
+    }
+    let path = keys.path.filter(|path| !path.is_empty()).ok_or_else(|| {
+        bad_value(
+            OPT,
+            "path",
+            list,
+            "give path=IMG (file) or backend=null,size=SIZE",
+        )
+    })?;
+    keys.check_file_keys(path)?;
+    Ok(keys.disk(DiskBackendConfig::File {
+        path: PathBuf::from(path),
+        direct: keys.direct,
+    }))
+}
+
+/// Where the image files of a `--disks` group are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GroupImages {
+    /// `path=` with [`DISK_INDEX_PLACEHOLDER`] where the index goes.
+    Pattern(String),
+    /// `dir=`: `disk<index>.img` in that directory.
+    Directory(PathBuf),
+}
+
+impl GroupImages {
+    fn path(&self, index: usize) -> PathBuf {
+        match self {
+            GroupImages::Pattern(pattern) => {
+                PathBuf::from(pattern.replacen(DISK_INDEX_PLACEHOLDER, &index.to_string(), 1))
+            }
+            GroupImages::Directory(dir) => dir.join(format!("disk{index}.img")),
+        }
+    }
+}
+
+/// A `--disks` group: `count` disks that differ only in their image file, if any.
+#[derive(Debug)]
+struct DiskGroup {
+    count: usize,
+    template: DiskConfig,
+    images: Option<GroupImages>,
+}
+
+impl DiskGroup {
+    fn expand(self) -> impl Iterator<Item = DiskConfig> {
+        (0..self.count).map(move |index| {
+            let mut disk = self.template.clone();
+            if let (Some(images), DiskBackendConfig::File { path, .. }) =
+                (&self.images, &mut disk.backend)
+            {
+                *path = images.path(index);
+            }
+            disk
+        })
+    }
+}
+
+fn parse_disk_group(list: &str) -> Result<DiskGroup, ConfigError> {
+    const OPT: &str = "--disks";
+    let keys = read_disk_keys(OPT, list, true)?;
+    let count = keys
+        .count
+        .ok_or_else(|| bad_value(OPT, "count", "", "a group needs count=N"))?;
+    if let Some(null) = keys.null_backend()? {
+        return Ok(DiskGroup {
+            count,
+            template: keys.disk(null),
+            images: None,
+        });
+    }
+    let images = match (keys.path, keys.dir) {
+        (Some(pattern), None) => {
+            if pattern.matches(DISK_INDEX_PLACEHOLDER).count() != 1 {
                 return Err(bad_value(
                     OPT,
                     "path",
-                    &path.display().to_string(),
-                    "size= and latency_us= belong to backend=null",
+                    pattern,
+                    "expected one %d, replaced by the disk's index in the group",
                 ));
             }
-            DiskBackendConfig::File { path, direct }
+            keys.check_file_keys(pattern)?;
+            GroupImages::Pattern(pattern.to_string())
         }
-        (Some("null"), None) => {
-            let size_bytes =
-                size.ok_or_else(|| bad_value(OPT, "size", "", "backend=null needs size="))?;
-            if size_bytes == 0 || size_bytes % 512 != 0 {
-                return Err(bad_value(
-                    OPT,
-                    "size",
-                    &size_bytes.to_string(),
-                    "expected a non-zero multiple of 512",
-                ));
-            }
-            DiskBackendConfig::Null {
-                size_bytes,
-                latency_us,
-            }
+        (None, Some(dir)) if !dir.is_empty() => {
+            keys.check_file_keys(dir)?;
+            GroupImages::Directory(PathBuf::from(dir))
         }
-        (Some(other), _) if other != "null" && other != "file" => {
-            return Err(bad_value(OPT, "backend", other, "expected file or null"))
+        (Some(_), Some(_)) => {
+            return Err(bad_value(
+                OPT,
+                "dir",
+                keys.dir.unwrap_or_default(),
+                "give path= or dir=, not both",
+            ))
         }
         _ => {
             return Err(bad_value(
                 OPT,
                 "path",
                 list,
-                "give path=IMG (file) or backend=null,size=SIZE",
+                "give path=/dir/disk%d.img, dir=/dir or backend=null,size=SIZE",
             ))
         }
     };
-    Ok(DiskConfig {
-        backend,
-        read_only,
-        num_queues,
-        queue_size,
+    // The template's path is replaced by every disk's own.
+    let template = keys.disk(DiskBackendConfig::File {
+        path: PathBuf::new(),
+        direct: keys.direct,
+    });
+    Ok(DiskGroup {
+        count,
+        template,
+        images: Some(images),
     })
 }
 
@@ -459,6 +714,8 @@ mod tests {
                     read_only: true,
                     num_queues: 4,
                     queue_size: 128,
+                    msix_vectors: 5,
+                    intx: false,
                 },
                 DiskConfig {
                     backend: DiskBackendConfig::Null {
@@ -468,6 +725,8 @@ mod tests {
                     read_only: false,
                     num_queues: DEFAULT_NUM_QUEUES,
                     queue_size: DEFAULT_QUEUE_SIZE,
+                    msix_vectors: DEFAULT_NUM_QUEUES + 1,
+                    intx: false,
                 }
             ]
         );
@@ -482,10 +741,228 @@ mod tests {
             "path=/img,readonly=maybe",
             "path=/img,size=1G",
             "path=/img,colour=blue",
+            "path=/img,count=2",
+            "path=/img,dir=/d",
+            "backend=null,size=1G,path=/img",
+            "path=",
         ] {
             assert!(parse(&["--kernel", "/k", "--disk", bad]).is_err(), "{bad}");
         }
         assert!(parse(&["--kernel", "/k", "--io-threads", "0"]).is_err());
+    }
+
+    fn disks_of(args: &[&str]) -> Vec<DiskConfig> {
+        let mut line = vec!["--kernel", "/k"];
+        line.extend_from_slice(args);
+        run(&line).disks
+    }
+
+    fn error_of(args: &[&str]) -> String {
+        let mut line = vec!["--kernel", "/k"];
+        line.extend_from_slice(args);
+        parse(&line).unwrap_err().to_string()
+    }
+
+    fn file_path(disk: &DiskConfig) -> &std::path::Path {
+        match &disk.backend {
+            DiskBackendConfig::File { path, .. } => path,
+            other => panic!("expected a file disk, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_disk_group() {
+        let disks = disks_of(&["--disks", "count=500,backend=null,size=1G,num_queues=2"]);
+        assert_eq!(disks.len(), 500);
+        let expected = DiskConfig {
+            backend: DiskBackendConfig::Null {
+                size_bytes: 1 << 30,
+                latency_us: 0,
+            },
+            read_only: false,
+            num_queues: 2,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            msix_vectors: 3,
+            intx: false,
+        };
+        assert!(disks.iter().all(|disk| *disk == expected));
+    }
+
+    #[test]
+    fn group_knobs() {
+        let disks = disks_of(&[
+            "--disks",
+            "count=2,backend=null,size=64M,num_queues=4,queue_size=64,latency_us=250,\
+             readonly=on,msix_vectors=2,intx=off",
+        ]);
+        assert_eq!(
+            disks[1],
+            DiskConfig {
+                backend: DiskBackendConfig::Null {
+                    size_bytes: 64 << 20,
+                    latency_us: 250,
+                },
+                read_only: true,
+                num_queues: 4,
+                queue_size: 64,
+                msix_vectors: 2,
+                intx: false,
+            }
+        );
+        assert_eq!(disks[0], disks[1]);
+        // A table larger than the default is allowed: the guest just leaves entries unused.
+        let large = disks_of(&["--disk", "path=/img,msix_vectors=2048"]);
+        assert_eq!(large[0].msix_vectors, MAX_MSIX_VECTORS);
+        assert!(!disks_of(&["--disk", "path=/img,intx=off"])[0].intx);
+    }
+
+    #[test]
+    fn image_group_with_pattern() {
+        let disks = disks_of(&["--disks", "count=3,path=/images/d%d.raw,direct=on,readonly"]);
+        let paths: Vec<_> = disks.iter().map(file_path).collect();
+        assert_eq!(
+            paths,
+            ["/images/d0.raw", "/images/d1.raw", "/images/d2.raw"]
+        );
+        assert!(disks.iter().all(|disk| disk.read_only
+            && disk.msix_vectors == 2
+            && matches!(disk.backend, DiskBackendConfig::File { direct: true, .. })));
+    }
+
+    #[test]
+    fn image_group_in_directory() {
+        let disks = disks_of(&["--disks", "count=2,dir=/images,num_queues=2"]);
+        let paths: Vec<_> = disks.iter().map(file_path).collect();
+        assert_eq!(paths, ["/images/disk0.img", "/images/disk1.img"]);
+        assert_eq!(disks[0].num_queues, 2);
+        assert!(matches!(
+            disks[0].backend,
+            DiskBackendConfig::File { direct: false, .. }
+        ));
+    }
+
+    #[test]
+    fn groups_and_single_disks_keep_command_line_order() {
+        let disks = disks_of(&[
+            "--disk",
+            "path=/first",
+            "--disks",
+            "count=2,path=/group%d",
+            "--disk",
+            "backend=null,size=1M",
+            "--disks=count=1,dir=/d",
+        ]);
+        assert_eq!(disks.len(), 5);
+        assert_eq!(file_path(&disks[0]), std::path::Path::new("/first"));
+        assert_eq!(file_path(&disks[1]), std::path::Path::new("/group0"));
+        assert_eq!(file_path(&disks[2]), std::path::Path::new("/group1"));
+        assert!(matches!(disks[3].backend, DiskBackendConfig::Null { .. }));
+        assert_eq!(file_path(&disks[4]), std::path::Path::new("/d/disk0.img"));
+    }
+
+    #[test]
+    fn rejects_bad_groups() {
+        for (group, message) in [
+            ("backend=null,size=1G", "a group needs count=N"),
+            ("count=0,backend=null,size=1G", "expected 1..=65536"),
+            ("count=65537,backend=null,size=1G", "expected 1..=65536"),
+            ("count=x,backend=null,size=1G", "expected 1..=65536"),
+            ("count=2,path=/img", "expected one %d"),
+            ("count=2,path=/img%d%d", "expected one %d"),
+            ("count=2,path=/i%d,dir=/d", "not both"),
+            ("count=2,dir=", "give path=/dir/disk%d.img, dir=/dir"),
+            ("count=2", "give path=/dir/disk%d.img, dir=/dir"),
+            ("count=2,dir=/d,size=1G", "belong to backend=null"),
+            ("count=2,path=/i%d,latency_us=5", "belong to backend=null"),
+            ("count=2,backend=null", "backend=null needs size="),
+            (
+                "count=2,backend=null,size=1G,dir=/d",
+                "takes no path= or dir=",
+            ),
+            ("count=2,backend=tape,size=1G", "expected file or null"),
+            ("count=2,dir=/d,num_queues=0", "expected 1..=256"),
+            ("count=2,dir=/d,num_queues=257", "expected 1..=256"),
+            ("count=2,dir=/d,queue_size=3", "power of two"),
+            ("count=2,dir=/d,msix_vectors=2049", "expected 1..=2048"),
+            ("count=2,dir=/d,intx=maybe", "expected on or off"),
+            ("count=2,dir=/d,serial=x", "unknown key \"serial\""),
+        ] {
+            let error = error_of(&["--disks", group]);
+            assert!(error.starts_with("--disks: "), "{group}: {error}");
+            assert!(error.contains(message), "{group}: {error}");
+        }
+    }
+
+    #[test]
+    fn msix_vectors_zero_is_refused() {
+        for (option, list) in [
+            ("--disk", "backend=null,size=1G,msix_vectors=0"),
+            ("--disks", "count=1,backend=null,size=1G,msix_vectors=0"),
+        ] {
+            let error = error_of(&[option, list]);
+            assert!(
+                error.contains("without MSI-X is not supported yet"),
+                "{option}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn intx_on_is_refused() {
+        for (option, list) in [
+            ("--disk", "backend=null,size=1G,intx=on"),
+            ("--disks", "count=4,dir=/d,intx=on"),
+            ("--disks", "count=4,dir=/d,intx"),
+        ] {
+            assert_eq!(
+                parse(&["--kernel", "/k", option, list]),
+                Err(ConfigError::IntxUnsupported {
+                    option: option.into()
+                })
+            );
+            assert!(error_of(&[option, list]).contains("intx=on is not supported yet"));
+        }
+    }
+
+    #[test]
+    fn too_many_disks() {
+        let half = format!("count={},backend=null,size=1M", MAX_DISKS / 2);
+        assert_eq!(
+            disks_of(&["--disks", &half, "--disks", &half]).len(),
+            MAX_DISKS
+        );
+        assert_eq!(
+            parse(&["--kernel", "/k", "--disks", &half, "--disks", &half, "--disk", "path=/x"]),
+            Err(ConfigError::TooManyDisks {
+                disks: MAX_DISKS + 1
+            })
+        );
+        assert_eq!(
+            parse(&["--kernel", "/k", "--disk", "path=/x", "--disks", &half, "--disks", &half]),
+            Err(ConfigError::TooManyDisks {
+                disks: MAX_DISKS + 1
+            })
+        );
+    }
+
+    #[test]
+    fn usage_documents_every_disk_key() {
+        for key in [
+            "count=",
+            "path=",
+            "dir=",
+            "backend=null",
+            "size=",
+            "latency_us=",
+            "readonly=",
+            "direct=",
+            "num_queues=",
+            "queue_size=",
+            "msix_vectors=",
+            "intx=",
+        ] {
+            assert!(USAGE.contains(key), "{key}");
+        }
     }
 
     #[test]

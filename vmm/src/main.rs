@@ -2,6 +2,7 @@
 
 mod acpi;
 mod boot;
+mod budget;
 mod config;
 mod cpuid;
 mod disks;
@@ -45,6 +46,7 @@ fn main() {
             let reason = match &exit {
                 vm::VmExit::PowerOff => "poweroff".to_string(),
                 vm::VmExit::Reset => "reset".to_string(),
+                vm::VmExit::DryRun => "dry-run".to_string(),
                 vm::VmExit::Fault { vcpu, cause } => {
                     eprintln!("blkswarm: guest fault on vCPU {vcpu}: {cause}");
                     "fault".to_string()

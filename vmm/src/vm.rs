@@ -14,6 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::acpi::{self, AcpiConfig, PciHostBridge};
 use crate::boot::{self, BootError};
+use crate::budget::{self, BudgetError, HostLimits};
 use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
 use crate::disks::{self, DiskError};
@@ -33,13 +34,15 @@ pub enum VmExit {
     Reset,
     /// The guest cannot go on.
     Fault { vcpu: u32, cause: String },
+    /// `--dry-run`: the VM was built and never ran.
+    DryRun,
 }
 
 impl VmExit {
     /// The process exit status for this outcome (documented in `--help`).
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::PowerOff => 0,
+            VmExit::PowerOff | VmExit::DryRun => 0,
             VmExit::Reset => 2,
             VmExit::Fault { .. } => 3,
         }
@@ -72,6 +75,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("device setup: {0}")]
     Device(String),
+    #[error("resource budget: {0}")]
+    Budget(#[from] BudgetError),
     #[error(transparent)]
     Pci(#[from] PciError),
     #[error(transparent)]
@@ -118,8 +123,28 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
     Ok(memory)
 }
 
+/// Peak resident set size of this process (getrusage), for the creation report.
+fn peak_rss_kib() -> i64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the pointed-to buffer, which is large enough
+    // and zero-initialised; we read it only when the call succeeded.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+    if ok {
+        // SAFETY: initialised by the successful getrusage above.
+        unsafe { usage.assume_init() }.ru_maxrss
+    } else {
+        -1
+    }
+}
+
 /// Boots the guest described by `config` and returns once it stops.
 pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
+    // Before any KVM object: a VM that cannot fit refuses to start rather than half-start.
+    let mut budget = budget::compute(config, &HostLimits::probe());
+    budget.raise_open_files_limit();
+    eprint!("{budget}");
+    budget.check()?;
+
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(VmError::MissingCapability(cap));
@@ -209,6 +234,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let supported = kvm
         .get_supported_cpuid(MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.cpus.boot as usize);
     for index in 0..config.cpus.boot {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -224,6 +250,17 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|e| VmError::Device(format!("CPUID table: {e:?}")))?;
         vcpu::configure(&fd, index, &cpuid, (index == 0).then_some(entry))?;
+        vcpus.push(fd);
+    }
+    if config.dry_run {
+        eprintln!(
+            "@@vmm dry_run created_us={} rss_kib={}",
+            launched.elapsed().as_micros(),
+            peak_rss_kib()
+        );
+        return Ok(VmExit::DryRun);
+    }
+    for (index, fd) in (0u32..).zip(vcpus) {
         let ctx = VcpuContext {
             index,
             pio: pio.clone(),

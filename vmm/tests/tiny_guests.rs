@@ -222,3 +222,33 @@ fn bad_options_exit_one_before_touching_kvm() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("boot=3 and max=2"));
 }
+
+#[test]
+fn dry_run_builds_500_disks_on_16_buses_and_exits_before_the_guest_runs() {
+    // The guest would print to COM1 and power off; a dry run must not let it.
+    let guest = TinyGuest::new("dry-run", &program(&[&print_boot_params(), POWEROFF, HALT]));
+    let out = guest.run(&[
+        "--cpus",
+        "boot=2",
+        "--disks",
+        "count=500,backend=null,size=1G,num_queues=2",
+        "--dry-run",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "the guest ran: {}",
+        text(&out.stdout)
+    );
+    assert!(stderr.contains("@@vmm dry_run created_us="), "{stderr}");
+    assert!(stderr.contains("reason=dry-run"), "{stderr}");
+    assert!(
+        stderr.contains("pci_buses=16") && stderr.contains("ioeventfds=1000"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("@@vmm disks count=500") && stderr.contains("last_pci=0000:0f:14.0"),
+        "{stderr}"
+    );
+}
