@@ -6,7 +6,7 @@
 #
 # Kernel command line (guests/README.md has the full table):
 #   blkswarm.scenario=NAME   boot (default) | disks | disk-info | fio | pattern-write |
-#                            ro-check
+#                            ro-check | probe
 #   blkswarm.expect=N        wait until N disks are visible (else wait for a plateau)
 #   blkswarm.timeout=S       give up waiting for disks after S seconds (default 60)
 #   blkswarm.exit=MODE       poweroff (default: `poweroff -f`) | reboot (`reboot -f`)
@@ -195,6 +195,101 @@ scenario_disk_info() {
     out "uptime_ms=$(uptime_ms)"
 }
 
+# Every virtio-blk PCI function as "PCI_ADDRESS VIRTIO_DEVICE DISK" ("none" where there
+# is none: virtio_pci or virtio_blk failed its probe), in PCI address order (the order
+# of the host's `@@vmm disk` lines). Shell builtins only: no process per device.
+list_virtio_blk_functions() {
+    local p v b vendor device dev disk
+    for p in /sys/bus/pci/devices/*; do
+        read -r vendor <"$p/vendor" 2>/dev/null || continue
+        read -r device <"$p/device" 2>/dev/null || continue
+        # Virtio block: 0x1042 modern, 0x1001 transitional.
+        [ "$vendor" = 0x1af4 ] || continue
+        case $device in 0x1042 | 0x1001) ;; *) continue ;; esac
+        dev=none
+        disk=none
+        for v in "$p"/virtio*; do
+            [ -e "$v" ] || continue
+            dev=${v##*/}
+            for b in "$v"/block/*; do
+                if [ -e "$b" ]; then disk=${b##*/}; fi
+            done
+        done
+        echo "${p##*/} $dev $disk"
+    done
+}
+
+# The probe report from $1 (/proc/interrupts), $2 (dmesg probe failures) and $3
+# (list_virtio_blk_functions). irq_mode, as Linux's vp_find_vqs named the IRQs:
+# virtioN-req.K (one per queue) -> per-queue; virtioN-virtqueues -> shared; virtioN on a
+# legacy line -> intx; no IRQ at all -> none. vectors counts virtioN-* MSI-X vectors.
+# Lines stay short (guest console output costs ~0.3 ms per character in the lab):
+#   @@guest vdisk=vda pci=0000:00:01.0 irq_mode=per-queue vectors=3
+#   @@guest probe_failed=0000:00:05.0 error=-28   (error: from dmesg, else "none")
+probe_report() {
+    awk -v interrupts="$1" -v failures="$2" '
+    FILENAME == interrupts {
+        if (FNR == 1) next
+        for (i = 2; i <= NF; i++) {
+            f = $i
+            if (f ~ /^virtio[0-9]+-/) {
+                d = f; sub(/-.*/, "", d); what = substr(f, length(d) + 2)
+                vectors[d]++
+                if (what == "virtqueues") shared[d] = 1
+                else if (what != "config") per_queue[d] = 1
+            } else if (f ~ /^virtio[0-9]+,?$/) {
+                sub(/,$/, "", f); intx[f] = 1
+            }
+        }
+        next
+    }
+    FILENAME == failures {
+        # 6.12: "virtio_blk virtio7: probe with driver virtio_blk failed with error -28";
+        # older: "virtio_blk: probe of virtio7 failed with error -16".
+        d = ""
+        for (i = 1; i < NF; i++) { f = $i; sub(/:$/, "", f); if (f ~ /^virtio[0-9]+$/) { d = f; break } }
+        if (d == "") next
+        code = $NF; errors++
+        if (!(code in per_code)) codes[++ncodes] = code
+        per_code[code]++
+        error_of[d] = code
+        next
+    }
+    {
+        total++
+        if ($3 == "none") {
+            failed++; code = "none"
+            if ($2 in error_of) code = error_of[$2]
+            print "@@guest probe_failed=" $1 " error=" code
+            next
+        }
+        d = $2; mode = "none"
+        if (d in shared) mode = "shared"
+        else if (d in per_queue) mode = "per-queue"
+        else if (d in intx) mode = "intx"
+        modes[mode]++
+        print "@@guest vdisk=" $3 " pci=" $1 " irq_mode=" mode " vectors=" vectors[d] + 0
+    }
+    END {
+        print "@@guest probe_errors=" errors + 0
+        for (i = 1; i <= ncodes; i++) print "@@guest probe_error_code=" codes[i] " count=" per_code[codes[i]]
+        print "@@guest virtio_disks=" total + 0 " per_queue=" modes["per-queue"] + 0 \
+            " shared=" modes["shared"] + 0 " intx=" modes["intx"] + 0 " none=" modes["none"] + 0 \
+            " probe_failed=" failed + 0
+    }' "$1" "$2" "$3"
+}
+
+# What became of every virtio-blk PCI function, to match disk by disk against the host's
+# `@@vmm disk` lines (SCENARIOS.md S1).
+scenario_probe() {
+    wait_disks
+    list_virtio_blk_functions >/tmp/virtio-blk
+    dmesg 2>/dev/null | grep 'failed with error' >/tmp/probe-failures
+    probe_report /proc/interrupts /tmp/probe-failures /tmp/virtio-blk
+    out "disks=$(count_disks)"
+    out "uptime_ms=$(uptime_ms)"
+}
+
 # fio's JSON output (one key per line) flattened to "a.b.c=value" lines; array
 # elements are numbered from 0: jobs.0.read.iops=1234.5,
 # jobs.0.read.clat_ns.percentile.99.000000=12345.
@@ -320,6 +415,7 @@ main() {
         fio) scenario_fio ;;
         pattern-write) scenario_pattern_write ;;
         ro-check) scenario_ro_check ;;
+        probe) scenario_probe ;;
         *) out "error=unknown-scenario" ;;
     esac
 }

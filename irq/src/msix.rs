@@ -75,6 +75,24 @@ pub struct MsixVectorState {
     pub live: bool,
 }
 
+/// One vector in a [`MsixSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsixVectorSnapshot {
+    pub state: MsixVectorState,
+    /// Interrupts this vector delivered, including pending bits delivered on unmask.
+    pub injected: u64,
+}
+
+/// The whole function as one consistent picture, for reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsixSnapshot {
+    pub enabled: bool,
+    pub function_masked: bool,
+    /// One per table entry.
+    pub vectors: Vec<MsixVectorSnapshot>,
+    pub counters: MsixCounters,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct TableEntry {
     dwords: [u32; 4],
@@ -119,6 +137,9 @@ struct MsixRegisters {
     /// comparing against it keeps `configure` calls to real changes.
     configured: Box<[Option<MsiMessage>]>,
     counters: MsixCounters,
+    /// Per-vector share of `counters.injected`: reports show which vector (and so which
+    /// queue and vCPU) carried the interrupts.
+    injected_per_vector: Box<[u64]>,
 }
 
 impl MsixRegisters {
@@ -171,6 +192,7 @@ impl Msix {
                 pending: vec![0; count.div_ceil(PBA_BITS_PER_QWORD)].into_boxed_slice(),
                 configured: vec![None; count].into_boxed_slice(),
                 counters: MsixCounters::default(),
+                injected_per_vector: vec![0; count].into_boxed_slice(),
             }),
         })
     }
@@ -321,8 +343,30 @@ impl Msix {
 
     /// The state of vector `index`, or None outside the table.
     pub fn vector_state(&self, index: u16) -> Option<MsixVectorState> {
+        Self::vector_state_locked(&self.lock(), usize::from(index))
+    }
+
+    /// Control bits, every vector and the counters, read under one lock (a monitor reading
+    /// hundreds of functions several times a second should not take one lock per vector).
+    pub fn snapshot(&self) -> MsixSnapshot {
         let regs = self.lock();
-        let index = usize::from(index);
+        let vectors = (0..regs.entries.len())
+            .filter_map(|index| {
+                Some(MsixVectorSnapshot {
+                    state: Self::vector_state_locked(&regs, index)?,
+                    injected: regs.injected_per_vector.get(index).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        MsixSnapshot {
+            enabled: regs.enabled,
+            function_masked: regs.function_masked,
+            vectors,
+            counters: regs.counters,
+        }
+    }
+
+    fn vector_state_locked(regs: &MsixRegisters, index: usize) -> Option<MsixVectorState> {
         let entry = regs.entries.get(index)?;
         Some(MsixVectorState {
             message: entry.message(),
@@ -388,7 +432,12 @@ impl Msix {
             return;
         };
         match vector.inject() {
-            Ok(()) => regs.counters.injected += 1,
+            Ok(()) => {
+                regs.counters.injected += 1;
+                if let Some(count) = regs.injected_per_vector.get_mut(index) {
+                    *count += 1;
+                }
+            }
             Err(_) => regs.counters.delivery_errors += 1,
         }
     }
@@ -632,6 +681,37 @@ mod tests {
         let counters = msix.counters();
         assert_eq!(counters.injected, 3);
         assert_eq!(counters.pended, 3);
+    }
+
+    #[test]
+    fn snapshot_counts_injections_per_vector() {
+        let (msix, _) = msix(3);
+        program(&msix, 1, ADDRESS, DATA);
+        program(&msix, 2, 0xfee0_2000, DATA);
+        set_masked(&msix, 1, false);
+        msix.write_control(MSIX_CONTROL_ENABLE);
+        msix.signal(1);
+        msix.signal(1);
+        msix.signal(2);
+        set_masked(&msix, 2, false);
+        let snapshot = msix.snapshot();
+        assert!(snapshot.enabled && !snapshot.function_masked);
+        let injected: Vec<u64> = snapshot.vectors.iter().map(|v| v.injected).collect();
+        assert_eq!(
+            injected,
+            vec![0, 2, 1],
+            "vector 2's pending bit counts on unmask"
+        );
+        assert_eq!(snapshot.counters.injected, 3);
+        assert_eq!(snapshot.vectors[2].state, msix.vector_state(2).unwrap());
+        assert_eq!(snapshot.vectors[2].state.message.destination_apic_id(), 2);
+        assert!(snapshot.vectors[0].state.masked && !snapshot.vectors[0].state.live);
+        msix.reset();
+        assert_eq!(
+            msix.snapshot().vectors[1].injected,
+            2,
+            "counts survive a reset"
+        );
     }
 
     #[test]

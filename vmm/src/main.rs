@@ -8,6 +8,7 @@ mod cpuid;
 mod disks;
 mod layout;
 mod pci;
+mod report;
 mod vcpu;
 mod vm;
 

@@ -20,6 +20,7 @@ use crate::cpuid::{self, VcpuIdentity};
 use crate::disks::{self, DiskError};
 use crate::layout;
 use crate::pci::{self, PciError, PciSegment};
+use crate::report;
 use crate::vcpu::{self, VcpuContext, VcpuError};
 
 /// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
@@ -260,6 +261,8 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         );
         return Ok(VmExit::DryRun);
     }
+    let probe_monitor =
+        report::spawn_probe_monitor(disks.functions.clone()).map_err(VmError::Thread)?;
     for (index, fd) in (0u32..).zip(vcpus) {
         let ctx = VcpuContext {
             index,
@@ -283,14 +286,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         let _ = console.flush();
     }
     let _ = std::io::stdout().flush();
-    let driver_ok = disks
-        .functions
-        .iter()
-        .filter(|f| f.transport.lock().is_ok_and(|t| t.is_active()))
-        .count();
-    eprintln!(
-        "@@vmm disks_driver_ok={driver_ok} disks_total={}",
-        disks.functions.len()
-    );
+    let probe_history = probe_monitor.stop();
+    report::print_closing_report(&disks.functions, &probe_history);
     Ok(exit)
 }

@@ -181,6 +181,21 @@ pub struct VirtioPciCounters {
     pub bad_notifications: u64,
 }
 
+/// Where the driver pointed a device's interrupts, as it wrote them into the common
+/// configuration; [`VIRTIO_MSI_NO_VECTOR`] means "no vector".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterruptRouting {
+    pub config_vector: u16,
+    /// One per queue the device offers, in queue order.
+    pub queues: Vec<QueueRouting>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRouting {
+    pub enabled: bool,
+    pub msix_vector: u16,
+}
+
 /// The driver's configuration of one queue.
 #[derive(Debug, Clone, Copy)]
 struct QueueSetup {
@@ -371,6 +386,23 @@ impl VirtioPciDevice {
         let mut counters = self.counters;
         counters.bad_notifications += self.interrupt.bad_queue_signals.load(Ordering::Relaxed);
         counters
+    }
+
+    /// The config and per-queue vectors the driver chose, for reports (e.g. which queues
+    /// share a vector).
+    pub fn interrupt_routing(&self) -> InterruptRouting {
+        InterruptRouting {
+            config_vector: self.interrupt.config_vector.load(Ordering::Acquire),
+            queues: self
+                .queues
+                .iter()
+                .zip(self.interrupt.queue_vectors.iter())
+                .map(|(queue, vector)| QueueRouting {
+                    enabled: queue.enabled,
+                    msix_vector: vector.load(Ordering::Acquire),
+                })
+                .collect(),
+        }
     }
 
     fn selected_queue(&self) -> Option<&QueueSetup> {
@@ -1371,6 +1403,35 @@ mod tests {
         driver.write(control, 4, 0);
         assert_eq!(driver.vectors[1].injects(), 2);
         assert_eq!(driver.read(driver.s.msix_pba, 8), 0);
+    }
+
+    #[test]
+    fn interrupt_routing_shows_the_vectors_the_driver_chose() {
+        let mut driver = Driver::new();
+        let unrouted = QueueRouting {
+            enabled: false,
+            msix_vector: VIRTIO_MSI_NO_VECTOR,
+        };
+        assert_eq!(
+            driver.dev.interrupt_routing(),
+            InterruptRouting {
+                config_vector: VIRTIO_MSI_NO_VECTOR,
+                queues: vec![unrouted; usize::from(QUEUES)],
+            }
+        );
+        driver.bring_up();
+        let routing = driver.dev.interrupt_routing();
+        assert_eq!(routing.config_vector, 0);
+        assert_eq!(
+            routing.queues,
+            vec![
+                QueueRouting {
+                    enabled: true,
+                    msix_vector: 1
+                },
+                unrouted
+            ]
+        );
     }
 
     #[test]
