@@ -284,7 +284,8 @@ probe_report() {
 scenario_probe() {
     wait_disks
     list_virtio_blk_functions >/tmp/virtio-blk
-    dmesg 2>/dev/null | grep 'failed with error' >/tmp/probe-failures
+    # The whole ring buffer: 500 disks log more than busybox reads by default.
+    dmesg -s 4194304 2>/dev/null | grep 'failed with error' >/tmp/probe-failures
     probe_report /proc/interrupts /tmp/probe-failures /tmp/virtio-blk
     out "disks=$(count_disks)"
     out "uptime_ms=$(uptime_ms)"

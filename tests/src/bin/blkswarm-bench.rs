@@ -7,6 +7,13 @@
 //!
 //! cargo run --release -p blkswarm-tests --bin blkswarm-bench -- --runtime 5 --qd 1,32
 //! cargo run --release -p blkswarm-tests --bin blkswarm-bench -- --skip-blkswarm
+//!
+//! `--many-disks N` switches to the many-disk comparison (see `many.rs`): native device
+//! creation time and peak RSS of both VMMs without a guest, then the wall time of a
+//! `disks` guest boot with both VMMs in one lab run.
+
+#[path = "blkswarm-bench/many.rs"]
+mod many;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +36,16 @@ usage: blkswarm-bench [options]
   --skip-blkswarm      run QEMU only
   --skip-qemu          run blkswarm only
   --lab-memory MIB     L1 memory in lab mode (default 3072)
+Many-disk mode (null virtio-blk disks; QEMU puts 31 on each pci-bridge):
+  --many-disks N       compare blkswarm and QEMU with N disks instead of fio
+  --native-counts LIST disk counts for the native creation trend (default 100,200,N)
+  --boot-disks LIST    disk counts of the lab boot comparison, one L1 run (default N)
+  --qemu-boot-max N    lab boot: QEMU only up to N disks (default 1000); say why in the report
+  --queues Q           queues per disk (default 2)
+  --skip-native        no native creation measurement
+  --skip-boot          no lab boot
+  --rss-cap-mib MIB    kill QEMU natively past this RSS (default: MemAvailable - 2 GiB)
+  --boot-timeout S     per-guest limit of the lab boot (default 120 + 1.5 s per disk)
 Environment: BLKSWARM_MODE=direct|lab, BLKSWARM_VERBOSE=0 (quiet console),
 BLKSWARM_CACHE, BLKSWARM_BIN, BLKSWARM_QEMU (the L1 QEMU, also the QEMU measured),
 BLKSWARM_QEMU_FIRMWARE (directory with qboot.rom; default <qemu>/../share/qemu).
@@ -57,6 +74,7 @@ struct Cli {
     skip_blkswarm: bool,
     skip_qemu: bool,
     lab_memory_mib: Option<u64>,
+    many: Option<many::ManyCli>,
 }
 
 impl Default for Cli {
@@ -74,6 +92,7 @@ impl Default for Cli {
             skip_blkswarm: false,
             skip_qemu: false,
             lab_memory_mib: None,
+            many: None,
         }
     }
 }
@@ -97,6 +116,14 @@ fn cmdline_word(flag: &str, v: &str) -> Result<String, String> {
 
 fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     let mut cli = Cli::default();
+    let mut many_disks: Option<u32> = None;
+    let mut native_counts: Option<Vec<u32>> = None;
+    let mut boot_disks: Option<Vec<u32>> = None;
+    let mut qemu_boot_max = 1000u32;
+    let mut queues = 2u32;
+    let (mut skip_native, mut skip_boot) = (false, false);
+    let mut rss_cap_kib = None;
+    let mut boot_timeout = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -130,6 +157,31 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
             "--skip-blkswarm" => cli.skip_blkswarm = true,
             "--skip-qemu" => cli.skip_qemu = true,
             "--lab-memory" => cli.lab_memory_mib = Some(parse_num(flag, &value()?)?),
+            "--many-disks" => many_disks = Some(parse_num(flag, &value()?)?),
+            "--native-counts" => {
+                native_counts = Some(
+                    value()?
+                        .split(',')
+                        .map(|q| parse_num(flag, q.trim()))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            "--boot-disks" => {
+                boot_disks = Some(
+                    value()?
+                        .split(',')
+                        .map(|q| parse_num(flag, q.trim()))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            "--qemu-boot-max" => qemu_boot_max = parse_num(flag, &value()?)?,
+            "--queues" => queues = parse_num(flag, &value()?)?,
+            "--skip-native" => skip_native = true,
+            "--skip-boot" => skip_boot = true,
+            "--rss-cap-mib" => rss_cap_kib = Some(parse_num::<u64>(flag, &value()?)? * 1024),
+            "--boot-timeout" => {
+                boot_timeout = Some(Duration::from_secs(parse_num(flag, &value()?)?))
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -144,6 +196,41 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     }
     if cli.skip_blkswarm && cli.skip_qemu {
         return Err("--skip-blkswarm and --skip-qemu leave nothing to run".into());
+    }
+    if let Some(n) = many_disks {
+        let mut counts = native_counts.unwrap_or_else(|| vec![100, 200]);
+        counts.push(n);
+        counts.sort_unstable();
+        counts.dedup();
+        let boot_disks = boot_disks.unwrap_or_else(|| vec![n]);
+        if n == 0
+            || counts.contains(&0)
+            || boot_disks.is_empty()
+            || boot_disks.contains(&0)
+            || queues == 0
+        {
+            return Err(
+                "--many-disks, --native-counts, --boot-disks and --queues must be > 0".into(),
+            );
+        }
+        if skip_native && skip_boot {
+            return Err("--skip-native and --skip-boot leave nothing to run".into());
+        }
+        cli.many = Some(many::ManyCli {
+            disks: n,
+            native_counts: counts,
+            boot_disks,
+            qemu_boot_max,
+            queues,
+            skip_native,
+            skip_boot,
+            rss_cap_kib,
+            boot_timeout,
+        });
+    } else if native_counts.is_some() || boot_disks.is_some() || skip_native || skip_boot {
+        return Err(
+            "--native-counts, --boot-disks, --skip-native and --skip-boot need --many-disks".into(),
+        );
     }
     Ok(Some(cli))
 }
@@ -205,42 +292,57 @@ impl Cli {
     /// queue per vCPU (QEMU's default, spelled out).
     fn qemu_spec(&self, qd: u32, p: &QemuPaths) -> GuestSpec {
         let guest = self.guest(format!("qemu-qd{qd}"), qd);
-        let argv: Vec<String> = [
-            p.qemu.as_str(),
-            "-L",
-            &p.firmware,
-            "-bios",
-            "qboot.rom",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            &self.cpus.to_string(),
-            "-m",
-            &self.memory_mib.to_string(),
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-vga",
-            "none",
-            "-kernel",
-            &p.kernel,
-            "-initrd",
-            &p.initramfs,
-            "-append",
-            &guest.kernel_cmdline(),
-            "-drive",
-            &format!("driver=null-co,size={},if=none,id=d0", self.disk_size),
-            "-device",
-            &format!("virtio-blk-pci,drive=d0,num-queues={}", self.cpus),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let disks = [
+            "-drive".to_string(),
+            format!("driver=null-co,size={},if=none,id=d0", self.disk_size),
+            "-device".to_string(),
+            format!("virtio-blk-pci,drive=d0,num-queues={}", self.cpus),
+        ];
+        let argv = qemu_argv(p, self.cpus, self.memory_mib, &guest, &disks);
         guest.custom_command(argv)
     }
+}
+
+/// QEMU as the L2 VMM: KVM, qboot, direct kernel boot of `guest`'s command line.
+fn qemu_argv(
+    p: &QemuPaths,
+    cpus: u32,
+    memory_mib: u64,
+    guest: &GuestSpec,
+    disks: &[String],
+) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        p.qemu.as_str(),
+        "-L",
+        &p.firmware,
+        "-bios",
+        "qboot.rom",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        &cpus.to_string(),
+        "-m",
+        &memory_mib.to_string(),
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-vga",
+        "none",
+        "-kernel",
+        &p.kernel,
+        "-initrd",
+        &p.initramfs,
+        "-append",
+        &guest.kernel_cmdline(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(disks.iter().cloned());
+    argv
 }
 
 fn firmware_dir(qemu: &Path) -> PathBuf {
@@ -398,18 +500,17 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
     s
 }
 
-fn run(cli: &Cli) -> Result<bool, String> {
-    let mut runner = Runner::detect().map_err(|e| e.to_string())?;
-    if let Some(mib) = cli.lab_memory_mib {
-        runner = runner.lab_memory_mib(mib);
-    }
+/// In the lab, ships QEMU, its firmware (and the guest files when no blkswarm guest
+/// runs) into L1; says where the measured QEMU and the guest files are.
+fn ship_qemu(
+    mut runner: Runner,
+    skip_qemu: bool,
+    skip_blkswarm: bool,
+) -> Result<(Runner, Option<QemuPaths>), String> {
     let p = runner.paths().clone();
-    p.require_artifacts(runner.mode() == Mode::Lab)
-        .map_err(|e| e.to_string())?;
     let lab = runner.mode() == Mode::Lab;
-
     let mut qemu_paths = None;
-    if !cli.skip_qemu {
+    if !skip_qemu {
         let qemu = paths::find_qemu()?;
         let fw = firmware_dir(&qemu);
         for f in QEMU_FIRMWARE_FILES {
@@ -427,7 +528,7 @@ fn run(cli: &Cli) -> Result<bool, String> {
             for f in QEMU_FIRMWARE_FILES {
                 runner = runner.lab_file(format!("{LAB_QEMU_FIRMWARE}/{f}"), fw.join(f));
             }
-            if cli.skip_blkswarm {
+            if skip_blkswarm {
                 // Without a blkswarm guest the harness ships no guest files: add them.
                 runner = runner
                     .lab_file(harness::lab::LAB_KERNEL, p.guest_kernel())
@@ -449,6 +550,23 @@ fn run(cli: &Cli) -> Result<bool, String> {
             }
         });
     }
+
+    Ok((runner, qemu_paths))
+}
+
+fn run(cli: &Cli) -> Result<bool, String> {
+    if let Some(m) = &cli.many {
+        return run_many(cli, m);
+    }
+    let mut runner = Runner::detect().map_err(|e| e.to_string())?;
+    if let Some(mib) = cli.lab_memory_mib {
+        runner = runner.lab_memory_mib(mib);
+    }
+    let p = runner.paths().clone();
+    p.require_artifacts(runner.mode() == Mode::Lab)
+        .map_err(|e| e.to_string())?;
+
+    let (runner, qemu_paths) = ship_qemu(runner, cli.skip_qemu, cli.skip_blkswarm)?;
 
     // Per queue depth, QEMU then blkswarm, back to back.
     let mut plan: Vec<(Vmm, u32, GuestSpec)> = Vec::new();
@@ -518,6 +636,237 @@ fn run(cli: &Cli) -> Result<bool, String> {
     Ok(rows.iter().all(|r| r.result.is_ok()))
 }
 
+/// `--many-disks`: (a) native creation time and peak RSS, (b) one lab boot.
+fn run_many(cli: &Cli, m: &many::ManyCli) -> Result<bool, String> {
+    let paths = harness::Paths::from_env();
+    let bin = paths.vmm_bin().map_err(|e| e.to_string())?;
+    let feats = many::BlkswarmFeatures::probe(&bin);
+    let kernel = paths.guest_kernel();
+    let initramfs = paths.guest_initramfs();
+    if !kernel.is_file() || !initramfs.is_file() {
+        paths.require_artifacts(false).map_err(|e| e.to_string())?;
+    }
+    let mut all_ok = true;
+    let mut out = format!(
+        "\n== blkswarm-bench many disks: null virtio-blk disks of {}, {} queues each, {} vCPUs, {} MiB\n\
+         blkswarm {}: {}, {}\n",
+        cli.disk_size,
+        m.queues,
+        cli.cpus,
+        cli.memory_mib,
+        bin.display(),
+        if feats.disk_groups {
+            "one --disks count=N group"
+        } else {
+            "N x --disk (this binary has no --disks)"
+        },
+        if feats.dry_run {
+            "--dry-run"
+        } else {
+            "no --dry-run: killed at its first KVM_RUN"
+        }
+    );
+
+    if !m.skip_native {
+        let cap = m.rss_cap_kib.unwrap_or_else(many::default_rss_cap_kib);
+        let qemu = if cli.skip_qemu {
+            None
+        } else {
+            Some(paths::find_qemu()?)
+        };
+        eprintln!(
+            "bench: native creation at {:?} disks; QEMU RSS cap {} MiB",
+            m.native_counts,
+            cap / 1024
+        );
+        let mut rows = Vec::new();
+        let mut qemu_gave_up: Option<u32> = None;
+        for &n in &m.native_counts {
+            if !cli.skip_blkswarm {
+                let mut argv: Vec<String> = vec![
+                    bin.to_string_lossy().into_owned(),
+                    "--kernel".into(),
+                    kernel.to_string_lossy().into_owned(),
+                    "--initramfs".into(),
+                    initramfs.to_string_lossy().into_owned(),
+                    "--cpus".into(),
+                    format!("boot={}", cli.cpus),
+                    "--memory".into(),
+                    GuestSpec::new("x", "x")
+                        .memory_mib(cli.memory_mib)
+                        .memory_arg(),
+                ];
+                argv.extend(many::blkswarm_disk_args(
+                    n,
+                    m.queues,
+                    &cli.disk_size,
+                    feats.disk_groups,
+                ));
+                let ready = if feats.dry_run {
+                    argv.push("--dry-run".into());
+                    many::Ready::BlkswarmDryRun
+                } else {
+                    many::Ready::BlkswarmFirstRun
+                };
+                let r = many::measure(
+                    "blkswarm",
+                    n,
+                    &argv,
+                    ready,
+                    u64::MAX,
+                    Duration::from_secs(300),
+                );
+                eprintln!("bench: {r:?}");
+                rows.push(r);
+            }
+            if let Some(q) = &qemu {
+                if let Some(at) = qemu_gave_up {
+                    eprintln!("bench: QEMU not run at {n} disks (it already failed at {at})");
+                    continue;
+                }
+                let mut argv: Vec<String> = [
+                    q.to_string_lossy().as_ref(),
+                    "-nodefaults",
+                    "-machine",
+                    "pc",
+                    "-accel",
+                    "tcg",
+                    "-S",
+                    "-smp",
+                    &cli.cpus.to_string(),
+                    "-m",
+                    &cli.memory_mib.to_string(),
+                    "-display",
+                    "none",
+                    "-qmp",
+                    "stdio",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                argv.extend(many::qemu_disk_args(n, m.queues, &cli.disk_size)?);
+                let r = many::measure(
+                    "qemu",
+                    n,
+                    &argv,
+                    many::Ready::QemuQmp,
+                    cap,
+                    Duration::from_secs(1800),
+                );
+                eprintln!("bench: {r:?}");
+                if r.error.is_some() {
+                    qemu_gave_up = Some(n);
+                }
+                rows.push(r);
+            }
+        }
+        all_ok &= rows.iter().all(|r| r.error.is_none());
+        out.push_str(&many::native_report(&rows, m.disks));
+        print!("{out}");
+        out.clear();
+    }
+
+    if !m.skip_boot {
+        let mut runner = Runner::detect().map_err(|e| e.to_string())?;
+        if let Some(mib) = cli.lab_memory_mib {
+            runner = runner.lab_memory_mib(mib);
+        }
+        runner
+            .paths()
+            .require_artifacts(runner.mode() == Mode::Lab)
+            .map_err(|e| e.to_string())?;
+        let (runner, qemu_paths) = ship_qemu(runner, cli.skip_qemu, cli.skip_blkswarm)?;
+        let timeout_for = |n: u32| {
+            m.boot_timeout
+                .unwrap_or(Duration::from_secs(120 + u64::from(n) * 3 / 2))
+        };
+        let mut plan: Vec<(&'static str, u32, GuestSpec)> = Vec::new();
+        for &n in &m.boot_disks {
+            let timeout = timeout_for(n);
+            if !cli.skip_blkswarm {
+                let mut spec = many::boot_guest(
+                    &format!("blkswarm-disks{n}"),
+                    cli.cpus,
+                    cli.memory_mib,
+                    timeout,
+                );
+                spec.extra_args =
+                    many::blkswarm_disk_args(n, m.queues, &cli.disk_size, feats.disk_groups);
+                plan.push(("blkswarm", n, spec));
+            }
+            match &qemu_paths {
+                Some(_) if n > m.qemu_boot_max => out.push_str(&format!(
+                    "lab boot: QEMU not run with {n} disks (--qemu-boot-max {}: its RSS would not fit L1)\n",
+                    m.qemu_boot_max
+                )),
+                Some(qp) => {
+                    let guest = many::boot_guest(
+                        &format!("qemu-disks{n}"),
+                        cli.cpus,
+                        cli.memory_mib,
+                        timeout,
+                    );
+                    let disks = many::qemu_disk_args(n, m.queues, &cli.disk_size)?;
+                    let argv = qemu_argv(qp, cli.cpus, cli.memory_mib, &guest, &disks);
+                    plan.push(("qemu", n, guest.custom_command(argv)));
+                }
+                None => {}
+            }
+        }
+        eprintln!(
+            "bench: lab boot of the `disks` guest with {:?} disks, {} vCPUs, {} MiB: {}",
+            m.boot_disks,
+            cli.cpus,
+            cli.memory_mib,
+            plan.iter()
+                .map(|(_, _, s)| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let specs: Vec<GuestSpec> = plan.iter().map(|(_, _, s)| s.clone()).collect();
+        let (outcomes, lab_report) = runner.run(&specs).map_err(|e| e.to_string())?;
+        let rows: Vec<many::Boot> = plan
+            .iter()
+            .zip(&outcomes)
+            .map(|((vmm, n, _), o)| many::boot_row(vmm, *n, o))
+            .collect();
+        for (r, o) in rows.iter().zip(&outcomes) {
+            if r.error.is_some() {
+                eprintln!(
+                    "\nbench: {} boot FAILED: {}\n{}",
+                    r.vmm,
+                    r.error
+                        .as_deref()
+                        .unwrap_or("")
+                        .lines()
+                        .next()
+                        .unwrap_or(""),
+                    o.describe_tail()
+                );
+            }
+            if let Some(v) = o.vmm_get("disks_driver_ok") {
+                out.push_str(&format!(
+                    "{} {} disks: VMM says disks_driver_ok={v}\n",
+                    r.vmm, r.disks
+                ));
+            }
+        }
+        all_ok &= rows.iter().all(|r| r.error.is_none());
+        out.push_str(&format!("\nmode: {} ({})\n", runner.mode(), runner.why()));
+        if let Some(l) = &lab_report {
+            out.push_str(&format!(
+                "lab: L1 {} MiB, ready after {} ms, whole run {} s; times are TCG-inflated: compare ratios only\n",
+                cli.lab_memory_mib.unwrap_or(3072),
+                l.l1_ready_ms.map_or("-".into(), |v| v.to_string()),
+                l.total_ms / 1000
+            ));
+        }
+        out.push_str(&many::boot_report(&rows));
+        print!("{out}");
+    }
+    Ok(all_ok)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cli = match parse_args(&args) {
@@ -573,6 +922,76 @@ mod tests {
         assert!(parse_args(&args(&["--rw", "rand read"])).is_err());
         assert!(parse_args(&args(&["--skip-qemu", "--skip-blkswarm"])).is_err());
         assert!(parse_args(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
+    fn many_disk_cli() {
+        let cli = parse_args(&args(&[
+            "--many-disks",
+            "500",
+            "--native-counts=300,100",
+            "--boot-disks",
+            "200,500",
+            "--qemu-boot-max",
+            "200",
+            "--rss-cap-mib",
+            "1000",
+        ]))
+        .unwrap()
+        .unwrap();
+        let m = cli.many.unwrap();
+        assert_eq!(m.native_counts, [100, 300, 500]);
+        assert_eq!(m.boot_disks, [200, 500]);
+        assert_eq!((m.qemu_boot_max, m.queues), (200, 2));
+        assert_eq!(m.rss_cap_kib, Some(1000 * 1024));
+        let m = parse_args(&args(&["--many-disks", "64"]))
+            .unwrap()
+            .unwrap()
+            .many
+            .unwrap();
+        assert_eq!(m.native_counts, [64, 100, 200]);
+        assert_eq!(m.boot_disks, [64]);
+        assert!(parse_args(&args(&["--boot-disks", "5"])).is_err());
+        assert!(parse_args(&args(&["--many-disks", "0"])).is_err());
+        assert!(parse_args(&args(&[
+            "--many-disks",
+            "5",
+            "--skip-native",
+            "--skip-boot"
+        ]))
+        .is_err());
+    }
+
+    #[test]
+    fn many_disk_boot_rows() {
+        let mut o = GuestOutcome {
+            name: "qemu-disks200".into(),
+            mode: Mode::Lab,
+            exit_code: Some(0),
+            wall_ms: Some(100_000),
+            results: [("disks", "134"), ("uptime_ms", "40000"), ("done", "")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            vmm: Vec::new(),
+            console: String::new(),
+            done: true,
+            lost: None,
+        };
+        let q = many::boot_row("qemu", 200, &o);
+        assert_eq!(
+            (q.seen, q.uptime_ms, q.error.clone()),
+            (Some(134), Some(40000), None)
+        );
+        o.wall_ms = Some(25_000);
+        let b = many::boot_row("blkswarm", 200, &o);
+        o.results.retain(|(k, _)| k != "disks");
+        let lost = many::boot_row("blkswarm", 500, &o);
+        assert!(lost.error.as_deref().unwrap().contains("disks="));
+        let text = many::boot_report(&[b, q, lost]);
+        assert!(text.contains("at 200 disks: 25.00%"), "{text}");
+        assert!(text.contains("@@bench many_disks boot vmm=qemu disks=200 seen=134 wall_ms=100000"));
+        assert!(text.contains("@@bench many_disks boot vmm=blkswarm disks=500 failed=1"));
     }
 
     #[test]
