@@ -24,6 +24,12 @@ fn specs() -> Vec<GuestSpec> {
             .cpus(2, 2)
             .arg("--disks")
             .arg("count=2,backend=null,size=64M,num_queues=2,msix_vectors=2"),
+        // No MSI-X capability at all, INTx on: the guest must use the shared, level-triggered
+        // IOAPIC line, and its probe (which reads the partition table) completes through it.
+        GuestSpec::new("intx_without_msix", "probe")
+            .cpus(2, 2)
+            .arg("--disks")
+            .arg("count=2,backend=null,size=64M,num_queues=2,msix_vectors=0,intx=on"),
         // One vector and no INTx: neither fallback works, the probe fails.
         GuestSpec::new("one_vector_no_intx", "probe")
             .cpus(2, 2)
@@ -171,4 +177,23 @@ fn one_vector_without_intx_fails_the_probe_and_the_host_sees_it() {
     assert_host_and_guest_agree(o, 1);
     assert_eq!(summary(o)["never_driver_ok"], "1");
     assert_eq!(o.get("probe_errors"), Some("1"));
+}
+
+#[test]
+fn without_msix_the_guest_uses_intx_and_the_host_sees_it() {
+    let o = clean("intx_without_msix");
+    assert_host_and_guest_agree(o, 2);
+    let guest = guest_modes(o);
+    assert!(guest.values().all(|m| m == "intx"), "{guest:?}");
+    assert_eq!(summary(o)["intx"], "2");
+    assert_eq!(o.get("disks"), Some("2"));
+    // Every disk's line fired: its probe I/O completed through INTx.
+    let asserts: Vec<u64> = o
+        .console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("@@vmm disk "))
+        .filter_map(|l| words(l).get("intx_asserts")?.parse().ok())
+        .collect();
+    assert_eq!(asserts.len(), 2, "{}", o.describe_tail());
+    assert!(asserts.iter().all(|&n| n > 0), "{asserts:?}");
 }

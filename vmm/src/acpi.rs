@@ -151,6 +151,9 @@ pub struct PciHostBridge {
     /// Start of the 64-bit window; root bus n forwards `[start + n * bus_window, +bus_window)`.
     pub mmio64_start: u64,
     pub bus_window: u64,
+    /// Whether some function has an INTx pin: then every host bridge gets a `_PRT` mapping
+    /// each device's INTA to its GSI ([`irq::intx::intx_gsi`]).
+    pub intx: bool,
 }
 
 impl PciHostBridge {
@@ -370,11 +373,40 @@ fn build_host_bridge(pci: &PciHostBridge, bus: u8, sink: &mut Vec<u8>) {
     let bbn = aml::Name::new("_BBN".into(), &bus);
     let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
     let crs = aml::Name::new("_CRS".into(), &crs);
-    aml::Device::new(
-        host_bridge_name(bus).as_str().into(),
-        vec![&hid, &cid, &uid, &seg, &bbn, &adr, &crs],
-    )
-    .to_aml_bytes(sink);
+    let prt = pci.intx.then(|| build_prt(bus));
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &uid, &seg, &bbn, &adr, &crs];
+    if let Some(prt) = &prt {
+        children.push(prt);
+    }
+    aml::Device::new(host_bridge_name(bus).as_str().into(), children).to_aml_bytes(sink);
+}
+
+/// PCI devices per bus, each with a `_PRT` entry.
+const PRT_DEVICES: u32 = 32;
+/// `_PRT` address field: all functions of a device.
+const PRT_ALL_FUNCTIONS: u32 = 0xffff;
+/// `_PRT` pin field for INTA (0-based, unlike the config-space register).
+const PRT_PIN_INTA: u8 = 0;
+/// `_PRT` source field: 0 means "the last field is a GSI", no link device. Linux then programs
+/// the GSI level-triggered, active low; KVM's IOAPIC ignores polarity, so an irqfd write
+/// still means asserted.
+const PRT_SOURCE_GSI: u8 = 0;
+
+/// The PCI routing table of root bus `bus`: each device's INTA to the GSI the VMM binds its
+/// line to. Only INTA: every function is a single-function device using pin A.
+fn build_prt(bus: u8) -> aml::Name {
+    let entries: Vec<(u32, u32)> = (0..PRT_DEVICES)
+        .map(|device| {
+            let gsi = irq::intx::intx_gsi(bus, device as u8);
+            ((device << 16) | PRT_ALL_FUNCTIONS, gsi)
+        })
+        .collect();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(address, gsi)| aml::Package::new(vec![address, &PRT_PIN_INTA, &PRT_SOURCE_GSI, gsi]))
+        .collect();
+    let children: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    aml::Name::new("_PRT".into(), &aml::Package::new(children))
 }
 
 fn build_dsdt(pci: &PciHostBridge) -> Vec<u8> {
@@ -611,6 +643,7 @@ mod tests {
         mmio32: (0xc000_0000, 0x2000_0000),
         mmio64_start: 0x40_0000_0000,
         bus_window: 1 << 30,
+        intx: false,
     };
 
     fn config(boot_cpus: u32, max_cpus: u32) -> AcpiConfig {
@@ -740,6 +773,58 @@ mod tests {
             assert!(contains(&window.to_le_bytes()), "window of bus {bus}");
         }
         assert!(!contains(b"PC11"), "no 18th bridge");
+    }
+
+    #[test]
+    fn intx_adds_a_prt_to_every_host_bridge() {
+        let mem = guest_mem(2 << 20);
+        let dsdt_of = |intx: bool, root_buses: u8| {
+            let cfg = AcpiConfig {
+                boot_cpus: 1,
+                max_cpus: 1,
+                pci: PciHostBridge {
+                    root_buses,
+                    intx,
+                    ..TEST_PCI
+                },
+            };
+            let tables = write_acpi_tables(&mem, &cfg).unwrap();
+            let rsdp = read(&mem, tables.rsdp_addr.0, RSDP_LEN);
+            let xsdt = read_table(&mem, u64_at(&rsdp, 24));
+            let fadt = (36..xsdt.len())
+                .step_by(8)
+                .map(|o| read_table(&mem, u64_at(&xsdt, o)))
+                .find(|t| &t[0..4] == b"FACP")
+                .unwrap();
+            read_table(&mem, u64_at(&fadt, FADT_X_DSDT))
+        };
+        let count = |body: &[u8], needle: &[u8]| {
+            body.windows(needle.len()).filter(|w| *w == needle).count()
+        };
+        assert_eq!(count(&dsdt_of(false, 2), b"_PRT"), 0);
+        let dsdt = dsdt_of(true, 2);
+        assert_eq!(sum(&dsdt), 0);
+        assert_eq!(count(&dsdt, b"_PRT"), 2, "one per host bridge");
+        // Device 3 on bus 0: Package (4) { 0x0003FFFF, Zero, Zero, 16 + 3 }.
+        let entry = |device: u32, gsi: u8| {
+            let mut e = vec![0x12, 0x0b, 0x04, 0x0c];
+            e.extend_from_slice(&((device << 16) | 0xffff).to_le_bytes());
+            e.extend_from_slice(&[0x00, 0x00, 0x0a, gsi]);
+            e
+        };
+        assert_eq!(count(&dsdt, &entry(3, 19)), 1);
+        // Bus 1 shifts the swizzle: its device 3 is on GSI 20; device 31 of bus 1 on 16.
+        assert_eq!(count(&dsdt, &entry(3, 20)), 1, "bus 1 device 3");
+        assert_eq!(count(&dsdt, &entry(4, 20)), 1, "bus 0 device 4");
+        assert_eq!(count(&dsdt, &entry(31, 16)), 1);
+        // Device 0 has address 0x0000FFFF, a Word in AML.
+        assert_eq!(
+            count(
+                &dsdt,
+                &[0x12, 0x09, 0x04, 0x0b, 0xff, 0xff, 0x00, 0x00, 0x0a, 16]
+            ),
+            1
+        );
     }
 
     #[derive(Debug, PartialEq)]

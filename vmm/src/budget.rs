@@ -12,6 +12,7 @@ use std::io;
 
 use devices::pci::root::PCI_DEVICES_PER_BUS;
 use devices::virtio::pci::Bar0Layout;
+use irq::intx;
 use irq::routing::{KVM_MAX_ROUTES, LEGACY_ROUTES};
 
 use crate::config::{DiskBackendConfig, VmConfig};
@@ -111,7 +112,8 @@ pub struct OpenFiles {
     /// Queue notifiers (the ioeventfds).
     pub notifiers: u64,
     /// One eventfd per MSI-X vector, made with the function whether or not it gets a route,
-    /// plus the legacy lines'.
+    /// an irqfd and a resamplefd per INTx line (and the resampler's epoll and stop eventfd
+    /// when there is one), plus the legacy lines'.
     pub interrupt_eventfds: u64,
     pub image_files: u64,
     pub io_worker_files: u64,
@@ -151,7 +153,9 @@ pub struct Budget {
     pub routed_vectors: u64,
     /// Vectors past the route limit, delivered with KVM_SIGNAL_MSI.
     pub signal_msi_vectors: u64,
-    /// Routed vectors plus the legacy lines.
+    /// Disks with an INTx line (`intx=on`): one resample irqfd each, on GSIs 16-23.
+    pub intx_lines: u64,
+    /// Routed vectors, INTx lines and the legacy lines.
     pub irqfds: u64,
     /// Routing-table entries: the legacy pin routes plus the routed vectors.
     pub gsi_routes: u64,
@@ -229,13 +233,19 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
     let ioeventfds: u64 = disks.iter().map(|d| u64::from(d.num_queues)).sum();
     let msix_vectors: u64 = disks.iter().map(|d| u64::from(d.msix_vectors)).sum();
     let routed_vectors = msix_vectors.min(MSI_ROUTE_LIMIT as u64);
+    let intx_lines = disks.iter().filter(|d| d.intx).count() as u64;
+    let intx_files = if intx_lines > 0 {
+        intx_lines * intx::EVENTFDS_PER_LINE + intx::RESAMPLER_FILES
+    } else {
+        0
+    };
     let image_files = disks
         .iter()
         .filter(|d| matches!(d.backend, DiskBackendConfig::File { .. }))
         .count() as u64;
     let open_files = OpenFiles {
         notifiers: ioeventfds,
-        interrupt_eventfds: msix_vectors + LEGACY_IRQFDS,
+        interrupt_eventfds: msix_vectors + intx_files + LEGACY_IRQFDS,
         image_files,
         io_worker_files: io_workers as u64 * FILES_PER_IO_WORKER,
         kvm_files: KVM_FILES + u64::from(config.cpus.max),
@@ -278,7 +288,8 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
         msix_vectors,
         routed_vectors,
         signal_msi_vectors: msix_vectors - routed_vectors,
-        irqfds: routed_vectors + LEGACY_IRQFDS,
+        intx_lines,
+        irqfds: routed_vectors + intx_lines + LEGACY_IRQFDS,
         gsi_routes: LEGACY_ROUTES as u64 + routed_vectors,
         gsi_route_limit: KVM_MAX_ROUTES as u64,
         open_files,
@@ -418,9 +429,16 @@ impl fmt::Display for Budget {
         )?;
         writeln!(
             f,
-            "  irqfds          {:>6}           routed vectors + COM1",
+            "  irqfds          {:>6}           routed vectors + INTx lines + COM1",
             self.irqfds
         )?;
+        if self.intx_lines > 0 {
+            writeln!(
+                f,
+                "  INTx lines      {:>6}           level-triggered, shared on GSIs 16-23: an irqfd + a resamplefd each",
+                self.intx_lines
+            )?;
+        }
         let raise = match &self.open_files_raise {
             None => String::new(),
             Some(OpenFilesRaise::Raised { from }) => format!(", raised from {}", limit_text(*from)),
@@ -469,7 +487,7 @@ impl fmt::Display for Budget {
             f,
             "@@vmm budget ioeventfds={} irqfds={} gsi_routes={} gsi_route_limit={} \
              signal_msi_vectors={} open_files={} open_files_limit={} msix_vectors={} \
-             mmio_bytes={} mmio_window_bytes={} pci_buses={}",
+             intx_lines={} mmio_bytes={} mmio_window_bytes={} pci_buses={}",
             self.ioeventfds,
             self.irqfds,
             self.gsi_routes,
@@ -478,6 +496,7 @@ impl fmt::Display for Budget {
             files.total(),
             self.open_files_limit,
             self.msix_vectors,
+            self.intx_lines,
             self.mmio_bytes,
             self.mmio_window_bytes(),
             self.pci_buses
@@ -729,9 +748,31 @@ mod tests {
             line,
             "@@vmm budget ioeventfds=1000 irqfds=1501 gsi_routes=1540 gsi_route_limit=4096 \
              signal_msi_vectors=0 open_files=2576 open_files_limit=20000 msix_vectors=1500 \
-             mmio_bytes=8192000 mmio_window_bytes=17179869184 pci_buses=16"
+             intx_lines=0 mmio_bytes=8192000 mmio_window_bytes=17179869184 pci_buses=16"
         );
         assert_eq!(text.lines().filter(|l| l.starts_with("@@vmm")).count(), 1);
+        assert!(!text.lines().any(|l| l.starts_with("  INTx lines")));
+    }
+
+    #[test]
+    fn intx_lines_cost_two_eventfds_each_and_one_resampler() {
+        let plain = compute(&null_disks(10, 2), &SANDBOX);
+        let mut with_intx = null_disks(10, 2);
+        for disk in &mut with_intx.disks[..4] {
+            disk.intx = true;
+        }
+        with_intx.disks[0].msix_vectors = 0;
+        let budget = compute(&with_intx, &SANDBOX);
+        assert_eq!(budget.intx_lines, 4);
+        assert_eq!(budget.msix_vectors, plain.msix_vectors - 3);
+        assert_eq!(budget.irqfds, plain.irqfds - 3 + 4);
+        assert_eq!(
+            budget.open_files.interrupt_eventfds,
+            plain.open_files.interrupt_eventfds - 3 + 4 * 2 + 2
+        );
+        let text = budget.to_string();
+        assert!(text.contains("  INTx lines           4 "), "{text}");
+        assert!(text.contains(" intx_lines=4 "), "{text}");
     }
 
     #[test]

@@ -112,9 +112,10 @@ pub enum ConfigError {
     #[error("--memory: {0} bytes is below the minimum of {MIN_MEMORY_BYTES}")]
     MemoryTooSmall(u64),
     #[error(
-        "{option}: intx=on is not supported yet (INTx delivery is not implemented); use intx=off"
+        "{option}: msix_vectors=0 leaves the function without any interrupt; add intx=on \
+         (or give it MSI-X vectors)"
     )]
-    IntxUnsupported { option: String },
+    NoInterrupt { option: String },
     #[error("{disks} disks: at most {MAX_DISKS} fit on one command line")]
     TooManyDisks { disks: usize },
     #[error("--memory: {0} bytes would overlap the PCI MMIO window; the maximum is {max}", max = crate::layout::MAX_RAM_BYTES)]
@@ -142,9 +143,11 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                          repeatable, mixes with --disk in command-line order
       DISK_KEYS: num_queues=N     virtqueues (default 1, at most 256)
                  queue_size=N     entries per queue, a power of two (default 256)
-                 msix_vectors=N   MSI-X table size, 1..=2048 (default num_queues+1);
-                                  fewer than num_queues+1 makes the guest share vectors
-                 intx=off         no legacy INTx line (intx=on is not supported yet)
+                 msix_vectors=N   MSI-X table size, 0..=2048 (default num_queues+1);
+                                  fewer than num_queues+1 makes the guest share vectors;
+                                  0: no MSI-X capability at all (needs intx=on)
+                 intx=on|off      a legacy INTx line (INTA, level-triggered, IOAPIC GSI
+                                  16-23, shared) the guest falls back to (default off)
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
 
@@ -316,6 +319,7 @@ struct DiskKeys<'a> {
     num_queues: u16,
     queue_size: u16,
     msix_vectors: Option<u16>,
+    intx: bool,
 }
 
 /// Reads a disk option's keys; `count` and `dir` exist only for groups.
@@ -337,6 +341,7 @@ fn read_disk_keys<'a>(
         num_queues: DEFAULT_NUM_QUEUES,
         queue_size: DEFAULT_QUEUE_SIZE,
         msix_vectors: None,
+        intx: false,
     };
     for (key, value) in key_values(list) {
         let number = |min: u64, max: u64| {
@@ -367,29 +372,11 @@ fn read_disk_keys<'a>(
                     return Err(bad_value(option, key, value, "expected a power of two"));
                 }
             }
+            // 0: a function without an MSI-X capability (then it needs intx=on).
             "msix_vectors" => {
-                // The virtio-pci transport always has an MSI-X capability with a table of at
-                // least one entry; a function without one needs INTx, which is not there yet.
-                if value == "0" {
-                    return Err(bad_value(
-                        option,
-                        key,
-                        value,
-                        format!(
-                            "a function without MSI-X is not supported yet; \
-                             expected 1..={MAX_MSIX_VECTORS}"
-                        ),
-                    ));
-                }
-                keys.msix_vectors = Some(number(1, u64::from(MAX_MSIX_VECTORS))? as u16);
+                keys.msix_vectors = Some(number(0, u64::from(MAX_MSIX_VECTORS))? as u16)
             }
-            "intx" => {
-                if on_off(option, key, value)? {
-                    return Err(ConfigError::IntxUnsupported {
-                        option: option.into(),
-                    });
-                }
-            }
+            "intx" => keys.intx = on_off(option, key, value)?,
             _ => {
                 return Err(ConfigError::UnknownKey {
                     option: option.into(),
@@ -397,6 +384,11 @@ fn read_disk_keys<'a>(
                 })
             }
         }
+    }
+    if keys.msix_vectors == Some(0) && !keys.intx {
+        return Err(ConfigError::NoInterrupt {
+            option: option.into(),
+        });
     }
     Ok(keys)
 }
@@ -412,7 +404,7 @@ impl DiskKeys<'_> {
             msix_vectors: self
                 .msix_vectors
                 .unwrap_or(DiskConfig::default_msix_vectors(self.num_queues)),
-            intx: false,
+            intx: self.intx,
         }
     }
 
@@ -883,7 +875,7 @@ mod tests {
             ("count=2,dir=/d,num_queues=0", "expected 1..=256"),
             ("count=2,dir=/d,num_queues=257", "expected 1..=256"),
             ("count=2,dir=/d,queue_size=3", "power of two"),
-            ("count=2,dir=/d,msix_vectors=2049", "expected 1..=2048"),
+            ("count=2,dir=/d,msix_vectors=2049", "expected 0..=2048"),
             ("count=2,dir=/d,intx=maybe", "expected on or off"),
             ("count=2,dir=/d,serial=x", "unknown key \"serial\""),
         ] {
@@ -894,34 +886,53 @@ mod tests {
     }
 
     #[test]
-    fn msix_vectors_zero_is_refused() {
+    fn msix_vectors_zero_needs_intx() {
         for (option, list) in [
             ("--disk", "backend=null,size=1G,msix_vectors=0"),
-            ("--disks", "count=1,backend=null,size=1G,msix_vectors=0"),
+            (
+                "--disks",
+                "count=1,backend=null,size=1G,msix_vectors=0,intx=off",
+            ),
         ] {
-            let error = error_of(&[option, list]);
-            assert!(
-                error.contains("without MSI-X is not supported yet"),
-                "{option}: {error}"
+            assert_eq!(
+                parse(&["--kernel", "/k", option, list]),
+                Err(ConfigError::NoInterrupt {
+                    option: option.into()
+                })
             );
+            let error = error_of(&[option, list]);
+            assert!(error.contains("add intx=on"), "{option}: {error}");
         }
+        let disks = disks_of(&["--disk", "backend=null,size=1G,msix_vectors=0,intx=on"]);
+        assert_eq!((disks[0].msix_vectors, disks[0].intx), (0, true));
+        // Key order does not matter.
+        let disks = disks_of(&[
+            "--disks",
+            "count=2,intx=on,backend=null,size=1G,msix_vectors=0",
+        ]);
+        assert!(disks.iter().all(|d| d.msix_vectors == 0 && d.intx));
     }
 
     #[test]
-    fn intx_on_is_refused() {
+    fn intx_on_is_per_disk_and_group() {
         for (option, list) in [
             ("--disk", "backend=null,size=1G,intx=on"),
             ("--disks", "count=4,dir=/d,intx=on"),
             ("--disks", "count=4,dir=/d,intx"),
         ] {
-            assert_eq!(
-                parse(&["--kernel", "/k", option, list]),
-                Err(ConfigError::IntxUnsupported {
-                    option: option.into()
-                })
-            );
-            assert!(error_of(&[option, list]).contains("intx=on is not supported yet"));
+            let disks = disks_of(&[option, list]);
+            assert!(disks.iter().all(|d| d.intx), "{option} {list}");
+            assert!(disks
+                .iter()
+                .all(|d| d.msix_vectors == DiskConfig::default_msix_vectors(d.num_queues)));
         }
+        let mixed = disks_of(&[
+            "--disk",
+            "backend=null,size=1G",
+            "--disk",
+            "backend=null,size=1G,intx=on",
+        ]);
+        assert_eq!((mixed[0].intx, mixed[1].intx), (false, true));
     }
 
     #[test]

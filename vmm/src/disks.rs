@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
+use irq::intx::IntxResamplerHandle;
 
 use crate::config::{DiskBackendConfig, DiskConfig};
 use crate::pci::{PciError, PciSegment, VirtioFunction};
@@ -27,8 +28,10 @@ pub enum DiskError {
         source: BlockError,
     },
     /// Refused here too, so a configuration built without the CLI cannot half-work.
-    #[error("disk {index}: intx=on is not supported yet")]
-    IntxUnsupported { index: usize },
+    #[error("disk {index}: msix_vectors=0 needs intx=on, or the function has no interrupt")]
+    NoInterrupt { index: usize },
+    #[error("INTx resampler: {0}")]
+    IntxResampler(#[source] PciError),
     #[error("disk {index}: {source}")]
     Pci {
         index: usize,
@@ -62,6 +65,8 @@ pub struct Disks {
     pub pool: Arc<IoPool>,
     /// One per disk of `--disk` and `--disks`, in command-line order.
     pub functions: Vec<VirtioFunction>,
+    /// The thread re-asserting INTx lines at EOI, when a disk has INTx.
+    pub intx_resampler: Option<IntxResamplerHandle>,
 }
 
 /// Creates every disk on `pci`. Linear in the number of disks: each is opened and placed once.
@@ -71,8 +76,11 @@ pub fn create_disks(
     pci: &mut PciSegment,
 ) -> Result<Disks, DiskError> {
     // Checked for every disk before the first is created: refuse, never half-start.
-    if let Some(index) = disks.iter().position(|disk| disk.intx) {
-        return Err(DiskError::IntxUnsupported { index });
+    if let Some(index) = disks
+        .iter()
+        .position(|disk| disk.msix_vectors == 0 && !disk.intx)
+    {
+        return Err(DiskError::NoInterrupt { index });
     }
     let pool = Arc::new(IoPool::new(io_threads)?);
     let mut functions = Vec::with_capacity(disks.len());
@@ -90,9 +98,16 @@ pub fn create_disks(
         )
         .map_err(|source| DiskError::Block { index, source })?;
         let function = pci
-            .add_virtio(Box::new(block), disk.msix_vectors)
+            .add_virtio(Box::new(block), disk.msix_vectors, disk.intx)
             .map_err(|source| DiskError::Pci { index, source })?;
         functions.push(function);
     }
-    Ok(Disks { pool, functions })
+    let intx_resampler = pci
+        .start_intx_resampler()
+        .map_err(DiskError::IntxResampler)?;
+    Ok(Disks {
+        pool,
+        functions,
+        intx_resampler,
+    })
 }

@@ -1,5 +1,7 @@
 //! The VMM side of PCI segment 0: the root complex on the buses, BAR placement in the 64-bit
-//! window, MSI-X vectors backed by KVM routes, and virtio notify addresses as ioeventfds.
+//! window, MSI-X vectors backed by KVM routes, INTx lines as level-triggered irqfds with
+//! resamplefds (GSIs 16-23, the mapping the ACPI `_PRT` announces), and virtio notify
+//! addresses as ioeventfds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,8 @@ use devices::pci::PciAddress;
 use devices::virtio::pci::{Bar0Layout, VirtioPciDevice, NOTIFY_OFFSET, VIRTIO_PCI_BAR};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
-use irq::{GsiRouter, MsiVector};
+use irq::intx::{intx_gsi, IntxResamplerHandle};
+use irq::{GsiRouter, IntxLine, IntxResampler, MsiVector};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,6 +33,12 @@ pub enum PciError {
     Transport(#[from] devices::virtio::pci::VirtioPciError),
     #[error("MSI-X vector: {0}")]
     Vector(std::io::Error),
+    #[error("INTx line on GSI {gsi}: {source}")]
+    Intx {
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM_IOEVENTFD at {address:#x}: {source}")]
     Ioeventfd {
         address: u64,
@@ -76,6 +85,8 @@ pub struct PciSegment {
     next_slot: PciAddress,
     next_bar: u64,
     notifiers: Arc<Mutex<NotifyMap>>,
+    /// Waits on the INTx lines' resamplefds once started; None until the first line.
+    resampler: Option<IntxResampler>,
 }
 
 fn register_ioeventfd(vm: &VmFd, address: u64, event: &EventFd) -> Result<(), PciError> {
@@ -156,6 +167,7 @@ impl PciSegment {
             },
             next_bar: bus_window_start(0),
             notifiers,
+            resampler: None,
         })
     }
 
@@ -190,12 +202,41 @@ impl PciSegment {
         Ok((slot, address))
     }
 
-    /// Adds a virtio device with `vectors` MSI-X vectors behind a virtio-pci transport, in
-    /// the order [`root_buses_for`] assumes.
+    /// Starts the thread that re-asserts INTx lines at EOI, if any function has one. Call
+    /// once, after the last function is added.
+    pub fn start_intx_resampler(&mut self) -> Result<Option<IntxResamplerHandle>, PciError> {
+        let Some(resampler) = self.resampler.take() else {
+            return Ok(None);
+        };
+        resampler
+            .spawn()
+            .map(Some)
+            .map_err(|source| PciError::Intx { gsi: 0, source })
+    }
+
+    /// A level-triggered line for the function at `slot`, bound to its GSI and watched by the
+    /// resampler.
+    fn intx_line(&mut self, slot: PciAddress) -> Result<Arc<IntxLine>, PciError> {
+        let gsi = intx_gsi(slot.bus, slot.device);
+        let error = |source| PciError::Intx { gsi, source };
+        let line = IntxLine::new(gsi).map_err(error)?;
+        line.attach(self.vm.as_ref()).map_err(error)?;
+        let resampler = match &mut self.resampler {
+            Some(resampler) => resampler,
+            None => self.resampler.insert(IntxResampler::new().map_err(error)?),
+        };
+        resampler.add(line.clone()).map_err(error)?;
+        Ok(line)
+    }
+
+    /// Adds a virtio device with `vectors` MSI-X vectors (0: no MSI-X capability) and, with
+    /// `intx`, an INTA line, behind a virtio-pci transport, in the order [`root_buses_for`]
+    /// assumes.
     pub fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,
         vectors: u16,
+        intx: bool,
     ) -> Result<VirtioFunction, PciError> {
         let layout = Bar0Layout::new(device.num_queues(), vectors);
         let (slot, bar0) = self.allocate(layout.size)?;
@@ -207,7 +248,13 @@ impl PciSegment {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(PciError::Vector)?;
-        let transport = VirtioPciDevice::new(device, self.memory.clone(), msix_vectors, bar0)?;
+        let intx = if intx {
+            Some(self.intx_line(slot)?)
+        } else {
+            None
+        };
+        let transport =
+            VirtioPciDevice::with_intx(device, self.memory.clone(), msix_vectors, intx, bar0)?;
         // Ioeventfds are registered before the guest runs: each one copies KVM's I/O bus.
         let mut events = Vec::new();
         for (address, event) in transport.notify_addresses() {

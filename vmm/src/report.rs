@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use devices::pci::PciAddress;
 use devices::virtio::pci::{STATUS_DRIVER_OK, VIRTIO_MSI_NO_VECTOR};
+use irq::msix::MsixSnapshot;
 
 use crate::pci::VirtioFunction;
 
@@ -110,6 +111,16 @@ pub struct DiskInterrupts {
     /// reset since (e.g. by the guest's shutdown): the status at the end.
     pub status_at_exit: Option<u8>,
     pub mode: InterruptMode,
+    /// The function's INTx line, if it has one.
+    pub intx: Option<IntxView>,
+}
+
+/// A function's INTx line: its GSI and how often it was asserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntxView {
+    pub gsi: u32,
+    /// Assertions by the device, plus re-assertions at EOI while ISR was still set.
+    pub asserts: u64,
 }
 
 fn vector_or_none(vector: u16) -> Option<u16> {
@@ -150,15 +161,32 @@ impl DiskInterrupts {
     /// Reads one disk, holding its transport lock only to copy a few registers (the MSI-X
     /// state is read afterwards under its own lock).
     pub fn capture(function: &VirtioFunction) -> Self {
-        let (status, routing, msix) = {
+        let (status, routing, msix, intx) = {
             let transport = lock(&function.transport);
             (
                 transport.device_status(),
                 transport.interrupt_routing(),
-                transport.msix().clone(),
+                transport.msix().cloned(),
+                transport.intx().cloned(),
             )
         };
-        let msix = msix.snapshot();
+        // A function without MSI-X looks like one whose MSI-X stays disabled, with no table.
+        let msix = msix.map_or_else(
+            || MsixSnapshot {
+                enabled: false,
+                function_masked: false,
+                vectors: Vec::new(),
+                counters: Default::default(),
+            },
+            |msix| msix.snapshot(),
+        );
+        let intx = intx.map(|line| {
+            let counters = line.counters();
+            IntxView {
+                gsi: line.gsi(),
+                asserts: counters.asserts + counters.reasserts,
+            }
+        });
         let queues: Vec<QueueView> = routing
             .queues
             .iter()
@@ -187,6 +215,7 @@ impl DiskInterrupts {
             mode: classify(status, msix.enabled, &queues),
             queues,
             status_at_exit: None,
+            intx,
         }
     }
 
@@ -246,6 +275,12 @@ impl DiskInterrupts {
         );
         if let Some(status) = self.status_at_exit {
             line.push_str(&format!(" status_at_exit={status:#04x}"));
+        }
+        if let Some(intx) = self.intx {
+            line.push_str(&format!(
+                " intx_gsi={} intx_asserts={}",
+                intx.gsi, intx.asserts
+            ));
         }
         line
     }
@@ -681,9 +716,18 @@ mod tests {
 
     impl Guest {
         fn new(slot: u8, queues: u16, vectors: usize) -> Self {
+            Self::with_intx(slot, queues, vectors, None)
+        }
+
+        fn with_intx(
+            slot: u8,
+            queues: u16,
+            vectors: usize,
+            intx: Option<Arc<irq::IntxLine>>,
+        ) -> Self {
             let interrupt = Arc::new(Mutex::new(None));
             let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap();
-            let transport = VirtioPciDevice::new(
+            let transport = VirtioPciDevice::with_intx(
                 Box::new(FakeDisk {
                     queues,
                     interrupt: interrupt.clone(),
@@ -692,6 +736,7 @@ mod tests {
                 (0..vectors)
                     .map(|_| Arc::new(FakeVector::default()) as Arc<dyn MsiVector>)
                     .collect(),
+                intx,
                 BAR0,
             )
             .unwrap();
@@ -928,6 +973,30 @@ mod tests {
             "@@vmm disk pci=0000:00:04.0 mode=intx status=0x0f live=0/3 masked=0 qvec=-,- \
              injected=0"
         );
+    }
+
+    #[test]
+    fn a_function_without_msix_on_intx_shows_its_line() {
+        let line = irq::IntxLine::new(18).unwrap();
+        let guest = Guest::with_intx(2, 2, 0, Some(line.clone()));
+        guest.probe_intx(2);
+        guest.notify_queue(0);
+        guest.notify_queue(1);
+        let view = guest.view();
+        assert_eq!(view.mode, InterruptMode::Intx);
+        assert_eq!(
+            view.intx,
+            Some(IntxView {
+                gsi: 18,
+                asserts: 2
+            })
+        );
+        assert_eq!(
+            view.line(),
+            "@@vmm disk pci=0000:00:02.0 mode=intx status=0x0f live=0/0 masked=0 qvec=-,- \
+             injected=0 intx_gsi=18 intx_asserts=2"
+        );
+        assert_eq!(line.irqfd().read().unwrap(), 2);
     }
 
     #[test]

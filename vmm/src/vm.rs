@@ -180,6 +180,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
                 ),
                 mmio64_start: layout::PCI_MMIO64_START,
                 bus_window: layout::PCI_BUS_WINDOW_BYTES,
+                intx: config.disks.iter().any(|disk| disk.intx),
             },
         },
     )?;
@@ -288,5 +289,8 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let _ = std::io::stdout().flush();
     let probe_history = probe_monitor.stop();
     report::print_closing_report(&disks.functions, &probe_history);
+    if let Some(resampler) = disks.intx_resampler {
+        resampler.stop();
+    }
     Ok(exit)
 }

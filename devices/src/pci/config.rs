@@ -33,6 +33,12 @@ pub const PCI_SUBSYSTEM_ID: usize = 0x2e;
 pub const PCI_CAPABILITY_LIST: usize = 0x34;
 pub const PCI_INTERRUPT_LINE: usize = 0x3c;
 pub const PCI_INTERRUPT_PIN: usize = 0x3d;
+/// Interrupt pin register values: none, or INTA (the only pin a single-function device uses).
+pub const PCI_INTERRUPT_PIN_NONE: u8 = 0;
+pub const PCI_INTERRUPT_PIN_INTA: u8 = 1;
+/// Command register bit that stops the function from asserting INTx (set by drivers that
+/// use MSI or MSI-X).
+pub const PCI_COMMAND_INTX_DISABLE: u16 = 0x0400;
 
 /// Command register bits a guest may set: memory space, bus master, parity error response,
 /// SERR# enable, INTx disable. I/O space stays 0: these functions have no I/O BARs.
@@ -305,6 +311,17 @@ impl PciConfigSpace {
         ])
     }
 
+    /// Declares the function's legacy interrupt pin (`PCI_INTERRUPT_PIN_INTA`) or none. The
+    /// interrupt line register stays the guest's to write either way: it is informational.
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.put(PCI_INTERRUPT_PIN, &[pin]);
+    }
+
+    /// Whether the guest set the command register's INTx disable bit.
+    pub fn intx_disabled(&self) -> bool {
+        self.register_u16(PCI_COMMAND) & PCI_COMMAND_INTX_DISABLE != 0
+    }
+
     /// Sets a register's value, bypassing the writable mask: for the device model's own
     /// state shown in configuration space. Bytes past the header are dropped.
     pub fn set_register(&mut self, offset: usize, bytes: &[u8]) {
@@ -438,6 +455,23 @@ mod tests {
         let mut line = [0u8];
         space.read(0x3c, &mut line);
         assert_eq!(line, [11]);
+    }
+
+    #[test]
+    fn interrupt_pin_is_read_only_and_intx_disable_is_the_guests() {
+        let mut space = PciConfigSpace::new(ids());
+        space.set_interrupt_pin(PCI_INTERRUPT_PIN_INTA);
+        write32(&mut space, 0x3c, 0xffff_ff0b);
+        assert_eq!(
+            read32(&mut space, 0x3c) & 0xffff,
+            0x010b,
+            "pin INTA, line 11"
+        );
+        assert!(!space.intx_disabled());
+        write32(&mut space, 0x04, u32::from(PCI_COMMAND_INTX_DISABLE));
+        assert!(space.intx_disabled());
+        write32(&mut space, 0x04, 0);
+        assert!(!space.intx_disabled());
     }
 
     #[test]

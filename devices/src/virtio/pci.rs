@@ -18,13 +18,21 @@
 //!
 //! Interrupts: the device gets an `Arc<dyn VirtioInterrupt>` holding the queue-to-vector map in
 //! atomics, so I/O threads signal without touching the transport's lock.
+//!
+//! A function may have an MSI-X capability (a table of 1..=2048 vectors), a legacy INTx line
+//! (interrupt pin INTA), or both. Without MSI-X vectors there is no MSI-X capability and no
+//! table or PBA in BAR 0, so the guest must use INTx. In INTx mode (MSI-X absent or disabled,
+//! and INTx not disabled in the command register) an interrupt sets its ISR bit and asserts
+//! the line; the line is level-triggered, and KVM asks at each EOI whether it is still
+//! pending, which it is while ISR is non-zero (the guest's ISR read clears it). With MSI-X
+//! enabled INTx never fires.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 
 use irq::msix::{Msix, MsixError, MSIX_NO_VECTOR};
-use irq::MsiVector;
+use irq::{IntxLine, IntxSource, MsiVector};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -33,7 +41,9 @@ use super::{
     ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::pci::config::{PciConfigError, PciConfigSpace, PciIds};
+use crate::pci::config::{
+    PciConfigError, PciConfigSpace, PciIds, PCI_COMMAND, PCI_INTERRUPT_PIN_INTA,
+};
 use crate::pci::{BarRegion, PciDevice};
 
 /// PCI identity of virtio devices (virtio 1.2, 4.1.2).
@@ -209,7 +219,12 @@ struct QueueSetup {
 /// What device I/O threads use to raise interrupts; shared with the transport, which writes
 /// the vector map.
 struct TransportInterrupt {
-    msix: Arc<Msix>,
+    /// None: the function has no MSI-X capability.
+    msix: Option<Arc<Msix>>,
+    /// None: the function has no INTx pin.
+    intx: Option<Arc<IntxLine>>,
+    /// The command register's INTx disable bit, mirrored for I/O threads.
+    intx_disabled: AtomicBool,
     queue_vectors: Box<[AtomicU16]>,
     config_vector: AtomicU16,
     isr: AtomicU8,
@@ -224,13 +239,43 @@ impl VirtioInterrupt for TransportInterrupt {
             return;
         };
         self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
-        self.msix.signal(vector.load(Ordering::Acquire));
+        self.signal(vector.load(Ordering::Acquire));
     }
 
     fn notify_config(&self) {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
-        self.msix.signal(self.config_vector.load(Ordering::Acquire));
+        self.signal(self.config_vector.load(Ordering::Acquire));
+    }
+}
+
+impl TransportInterrupt {
+    fn msix_enabled(&self) -> bool {
+        self.msix.as_ref().is_some_and(|msix| msix.is_enabled())
+    }
+
+    /// The INTx line, when it is the function's interrupt now: MSI-X absent or disabled and
+    /// INTx not disabled by the driver.
+    fn active_intx(&self) -> Option<&IntxLine> {
+        let line = self.intx.as_deref()?;
+        let usable = !self.intx_disabled.load(Ordering::Acquire) && !self.msix_enabled();
+        usable.then_some(line)
+    }
+
+    /// Raises `vector` through MSI-X, or asserts INTx when that is the function's mode. The
+    /// ISR bit is already set.
+    fn signal(&self, vector: u16) {
+        if let Some(line) = self.active_intx() {
+            line.assert();
+        } else if let Some(msix) = &self.msix {
+            msix.signal(vector);
+        }
+    }
+}
+
+impl IntxSource for TransportInterrupt {
+    fn pending(&self) -> bool {
+        self.isr.load(Ordering::SeqCst) != 0 && self.active_intx().is_some()
     }
 }
 
@@ -240,7 +285,8 @@ pub struct VirtioPciDevice {
     device: Box<dyn VirtioDevice>,
     memory: GuestMemoryMmap,
     layout: Bar0Layout,
-    msix_cap: u8,
+    /// Offset of the MSI-X capability; None without MSI-X.
+    msix_cap: Option<u8>,
     pci_cfg_cap: u8,
     interrupt: Arc<TransportInterrupt>,
     notifiers: Box<[Arc<EventFd>]>,
@@ -261,11 +307,23 @@ impl VirtioPciDevice {
     /// Wraps `device` with one MSI-X vector per element of `msix_vectors` (typically one per
     /// queue plus one for configuration changes) and BAR 0 at `bar0_address`, which must be
     /// aligned to `Bar0Layout::new(num_queues, vectors).size`. `memory` is handed to the
-    /// device when the driver starts it.
+    /// device when the driver starts it. No INTx pin.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryMmap,
         msix_vectors: Vec<Arc<dyn MsiVector>>,
+        bar0_address: u64,
+    ) -> Result<Self, VirtioPciError> {
+        Self::with_intx(device, memory, msix_vectors, None, bar0_address)
+    }
+
+    /// Like [`VirtioPciDevice::new`], with an INTx line (interrupt pin INTA) when `intx` is
+    /// given. An empty `msix_vectors` means no MSI-X capability at all.
+    pub fn with_intx(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        msix_vectors: Vec<Arc<dyn MsiVector>>,
+        intx: Option<Arc<IntxLine>>,
         bar0_address: u64,
     ) -> Result<Self, VirtioPciError> {
         let num_queues = device.num_queues();
@@ -281,8 +339,12 @@ impl VirtioPciDevice {
             .ok()
             .and_then(|t| VIRTIO_PCI_DEVICE_ID_BASE.checked_add(t))
             .ok_or(VirtioPciError::BadDeviceType(device_type))?;
-        let msix = Arc::new(Msix::new(msix_vectors)?);
-        let layout = Bar0Layout::new(num_queues, msix.table_size());
+        let msix = if msix_vectors.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Msix::new(msix_vectors)?))
+        };
+        let layout = Bar0Layout::new(num_queues, msix.as_ref().map_or(0, |m| m.table_size()));
 
         let mut config = PciConfigSpace::new(PciIds {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
@@ -296,7 +358,10 @@ impl VirtioPciDevice {
             subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
         });
         config.add_memory_bar64(VIRTIO_PCI_BAR, bar0_address, layout.size, false)?;
-        let (msix_cap, pci_cfg_cap) = add_capabilities(&mut config, &layout, &msix)?;
+        let (msix_cap, pci_cfg_cap) = add_capabilities(&mut config, &layout, msix.as_deref())?;
+        if intx.is_some() {
+            config.set_interrupt_pin(PCI_INTERRUPT_PIN_INTA);
+        }
 
         let notifiers = (0..num_queues)
             .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
@@ -304,6 +369,8 @@ impl VirtioPciDevice {
             .map_err(VirtioPciError::Notifier)?;
         let interrupt = Arc::new(TransportInterrupt {
             msix,
+            intx,
+            intx_disabled: AtomicBool::new(false),
             queue_vectors: (0..num_queues)
                 .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
                 .collect(),
@@ -312,6 +379,10 @@ impl VirtioPciDevice {
             config_generation: AtomicU8::new(0),
             bad_queue_signals: AtomicU64::new(0),
         });
+        if let Some(line) = &interrupt.intx {
+            let source: Weak<TransportInterrupt> = Arc::downgrade(&interrupt);
+            line.connect(source);
+        }
         let device_features = device.device_features();
         Ok(Self {
             config,
@@ -360,9 +431,15 @@ impl VirtioPciDevice {
             .collect()
     }
 
-    /// The function's MSI-X state, for reports (per-vector destinations, counters).
-    pub fn msix(&self) -> &Arc<Msix> {
-        &self.interrupt.msix
+    /// The function's MSI-X state, for reports (per-vector destinations, counters); None
+    /// when the function has no MSI-X capability.
+    pub fn msix(&self) -> Option<&Arc<Msix>> {
+        self.interrupt.msix.as_ref()
+    }
+
+    /// The function's INTx line, if it has one.
+    pub fn intx(&self) -> Option<&Arc<IntxLine>> {
+        self.interrupt.intx.as_ref()
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
@@ -511,7 +588,8 @@ impl VirtioPciDevice {
     }
 
     fn checked_vector(&mut self, vector: u16) -> u16 {
-        if vector == VIRTIO_MSI_NO_VECTOR || vector < self.interrupt.msix.table_size() {
+        let table_size = self.interrupt.msix.as_ref().map_or(0, |m| m.table_size());
+        if vector == VIRTIO_MSI_NO_VECTOR || vector < table_size {
             vector
         } else {
             // The driver reads it back and sees the mapping failed (virtio 1.2, 4.1.4.3.2).
@@ -806,13 +884,13 @@ fn virtio_cap_body(cfg_type: u8, cap_len: usize, offset: u64, length: u64) -> Ve
     body
 }
 
-/// Adds the virtio structure capabilities and the MSI-X capability; returns the offsets of
-/// the MSI-X and PCI_CFG capabilities.
+/// Adds the virtio structure capabilities and, with `msix`, the MSI-X capability; returns the
+/// offsets of the MSI-X and PCI_CFG capabilities.
 fn add_capabilities(
     config: &mut PciConfigSpace,
     layout: &Bar0Layout,
-    msix: &Msix,
-) -> Result<(u8, u8), PciConfigError> {
+    msix: Option<&Msix>,
+) -> Result<(Option<u8>, u8), PciConfigError> {
     let plain = VIRTIO_CAP_BODY_LEN + 2;
     let extended = plain + 4;
     let common = virtio_cap_body(
@@ -847,6 +925,9 @@ fn add_capabilities(
     writable[PCI_CFG_OFFSET - 2..PCI_CFG_LENGTH + 2].fill(0xff);
     let pci_cfg_cap = config.add_capability(PCI_CAP_ID_VENDOR, &pci_cfg, &writable)?;
 
+    let Some(msix) = msix else {
+        return Ok((None, pci_cfg_cap));
+    };
     // MSI-X: table and PBA in BAR 0 (BIR in the low 3 bits of each offset).
     let mut body = Vec::with_capacity(MSIX_CAP_BODY_LEN);
     body.extend_from_slice(&msix.control_table_size_field().to_le_bytes());
@@ -860,7 +941,7 @@ fn add_capabilities(
     // Enable and function mask: bits 15 and 14 of message control.
     writable[1] = 0xc0;
     let msix_cap = config.add_capability(PCI_CAP_ID_MSIX, &body, &writable)?;
-    Ok((msix_cap, pci_cfg_cap))
+    Ok((Some(msix_cap), pci_cfg_cap))
 }
 
 fn overlaps(offset: u16, len: usize, start: u16, end: u16) -> bool {
@@ -885,10 +966,17 @@ impl PciDevice for VirtioPciDevice {
             return None;
         }
         let moved = self.config.write(offset, data);
-        let control = u16::from(self.msix_cap) + MSIX_CAP_CONTROL as u16;
-        if overlaps(offset, data.len(), control, control + 2) {
-            let value = self.config.register_u16(usize::from(control));
-            self.interrupt.msix.write_control(value);
+        if let (Some(cap), Some(msix)) = (self.msix_cap, &self.interrupt.msix) {
+            let control = u16::from(cap) + MSIX_CAP_CONTROL as u16;
+            if overlaps(offset, data.len(), control, control + 2) {
+                msix.write_control(self.config.register_u16(usize::from(control)));
+            }
+        }
+        let command = PCI_COMMAND as u16;
+        if overlaps(offset, data.len(), command, command + 2) {
+            self.interrupt
+                .intx_disabled
+                .store(self.config.intx_disabled(), Ordering::Release);
         }
         moved
     }
@@ -919,14 +1007,16 @@ impl PciDevice for VirtioPciDevice {
             }
         } else if within(DEVICE_CFG_OFFSET, DEVICE_CFG_LEN) {
             self.device.read_config(offset - DEVICE_CFG_OFFSET, data);
-        } else if within(layout.msix_table_offset, layout.msix_table_len) {
-            self.interrupt
-                .msix
-                .table_read(offset - layout.msix_table_offset, data);
-        } else if within(layout.msix_pba_offset, layout.msix_pba_len) {
-            self.interrupt
-                .msix
-                .pba_read(offset - layout.msix_pba_offset, data);
+        } else if let (true, Some(msix)) = (
+            within(layout.msix_table_offset, layout.msix_table_len),
+            &self.interrupt.msix,
+        ) {
+            msix.table_read(offset - layout.msix_table_offset, data);
+        } else if let (true, Some(msix)) = (
+            within(layout.msix_pba_offset, layout.msix_pba_len),
+            &self.interrupt.msix,
+        ) {
+            msix.pba_read(offset - layout.msix_pba_offset, data);
         } else {
             // Notify area (write-only) and the gaps between structures read as zero.
             data.fill(0);
@@ -950,14 +1040,16 @@ impl PciDevice for VirtioPciDevice {
             self.device.write_config(offset - DEVICE_CFG_OFFSET, data);
         } else if within(NOTIFY_OFFSET, layout.notify_len) {
             self.notify(offset - NOTIFY_OFFSET);
-        } else if within(layout.msix_table_offset, layout.msix_table_len) {
-            self.interrupt
-                .msix
-                .table_write(offset - layout.msix_table_offset, data);
-        } else if within(layout.msix_pba_offset, layout.msix_pba_len) {
-            self.interrupt
-                .msix
-                .pba_write(offset - layout.msix_pba_offset, data);
+        } else if let (true, Some(msix)) = (
+            within(layout.msix_table_offset, layout.msix_table_len),
+            &self.interrupt.msix,
+        ) {
+            msix.table_write(offset - layout.msix_table_offset, data);
+        } else if let (true, Some(msix)) = (
+            within(layout.msix_pba_offset, layout.msix_pba_len),
+            &self.interrupt.msix,
+        ) {
+            msix.pba_write(offset - layout.msix_pba_offset, data);
         } else {
             self.ignored();
         }
@@ -1127,9 +1219,14 @@ mod tests {
         }
 
         fn with_vectors(count: usize) -> Self {
+            Self::with_interrupts(count, None)
+        }
+
+        /// `count` MSI-X vectors (0: no MSI-X capability) and optionally an INTx line.
+        fn with_interrupts(count: usize, intx: Option<Arc<IntxLine>>) -> Self {
             let state = Arc::new(Mutex::new(FakeState::default()));
             let vectors: Vec<Arc<FakeVector>> = (0..count).map(|_| Arc::default()).collect();
-            let dev = VirtioPciDevice::new(
+            let dev = VirtioPciDevice::with_intx(
                 Box::new(FakeDevice {
                     state: state.clone(),
                 }),
@@ -1138,6 +1235,7 @@ mod tests {
                     .iter()
                     .map(|v| v.clone() as Arc<dyn MsiVector>)
                     .collect(),
+                intx,
                 BAR0,
             )
             .unwrap();
@@ -1205,7 +1303,7 @@ mod tests {
             }
             assert_eq!(cap, 0, "the list ends");
             assert_ne!(s.pci_cfg_cap, 0);
-            assert_ne!(s.msix_cap, 0);
+            assert_eq!(s.msix_cap != 0, self.dev.msix().is_some());
             s
         }
 
@@ -1314,6 +1412,145 @@ mod tests {
         }
     }
 
+    impl Driver {
+        /// vp_find_vqs_intx: no MSI-X, queue 0 with no vector, then DRIVER_OK.
+        fn bring_up_intx(&mut self) {
+            self.set_status(STATUS_ACKNOWLEDGE);
+            self.set_status(STATUS_DRIVER);
+            self.write_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+            self.set_status(STATUS_FEATURES_OK);
+            self.setup_queue(0, 64, VIRTIO_MSI_NO_VECTOR);
+            self.set_status(STATUS_DRIVER_OK);
+            assert!(self.dev.is_active());
+        }
+
+        fn isr(&mut self) -> u8 {
+            self.read(self.s.isr, 1) as u8
+        }
+    }
+
+    fn intx_line() -> Arc<IntxLine> {
+        IntxLine::new(irq::intx::INTX_GSI_BASE).unwrap()
+    }
+
+    /// irqfd writes since the last call (0 when none).
+    fn asserts(line: &IntxLine) -> u64 {
+        line.irqfd().read().unwrap_or(0)
+    }
+
+    /// KVM at the guest's EOI: the line goes down and the resamplefd is signalled.
+    fn eoi(line: &IntxLine) -> bool {
+        line.resamplefd().write(1).unwrap();
+        line.resample()
+    }
+
+    #[test]
+    fn without_msix_vectors_there_is_no_msix_capability() {
+        let mut driver = Driver::with_interrupts(0, Some(intx_line()));
+        assert!(driver.dev.msix().is_none());
+        assert_eq!(driver.s.msix_cap, 0, "no MSI-X capability in the list");
+        assert_eq!(driver.cfg8(0x3d), 1, "interrupt pin INTA");
+        driver.dev.config_write(0x3c, &[21]);
+        assert_eq!(driver.cfg8(0x3c), 21, "interrupt line is the guest's");
+        assert_eq!(driver.cfg8(0x3d), 1);
+        let layout = driver.dev.layout();
+        assert_eq!(layout, Bar0Layout::new(QUEUES, 0));
+        assert_eq!((layout.msix_table_len, layout.msix_pba_len), (0, 0));
+        // Where a table would start, BAR 0 is empty: reads zero, writes are ignored.
+        assert_eq!(driver.read(layout.msix_table_offset, 4), 0);
+        let ignored = driver.dev.counters().ignored_accesses;
+        driver.write(layout.msix_table_offset, 4, 0xfee0_0000);
+        assert_eq!(driver.dev.counters().ignored_accesses, ignored + 1);
+        // Every vector number is out of range: the driver reads NO_VECTOR back.
+        driver.common_write(CONFIG_MSIX_VECTOR, 2, 0);
+        assert_eq!(
+            driver.common_read(CONFIG_MSIX_VECTOR, 2),
+            u64::from(VIRTIO_MSI_NO_VECTOR)
+        );
+    }
+
+    #[test]
+    fn intx_off_leaves_the_pin_at_zero() {
+        let mut driver = Driver::new();
+        assert_eq!(driver.cfg8(0x3d), 0);
+        assert!(driver.dev.intx().is_none());
+        // No MSI-X and no INTx: a function with no interrupt at all (the guest's probe fails).
+        let mut driver = Driver::with_interrupts(0, None);
+        assert_eq!(driver.cfg8(0x3d), 0);
+        driver.bring_up_intx();
+        ack_interrupt(&driver.state).notify_queue(0);
+        assert_eq!(driver.isr(), ISR_QUEUE);
+    }
+
+    #[test]
+    fn intx_sets_isr_asserts_and_resamples_until_the_guest_reads_isr() {
+        let line = intx_line();
+        let mut driver = Driver::with_interrupts(0, Some(line.clone()));
+        driver.bring_up_intx();
+        let interrupt = ack_interrupt(&driver.state);
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&line), 1);
+        // EOI before the guest read ISR (e.g. another device's handler on the shared GSI):
+        // still pending, asserted again.
+        assert!(eoi(&line));
+        assert_eq!(asserts(&line), 1);
+        // The guest's handler reads ISR: that acknowledges and clears it.
+        assert_eq!(driver.isr(), ISR_QUEUE);
+        assert_eq!(driver.isr(), 0);
+        assert!(!eoi(&line));
+        assert_eq!(asserts(&line), 0);
+        // A configuration change sets its own bit.
+        interrupt.notify_config();
+        assert_eq!(asserts(&line), 1);
+        assert_eq!(driver.isr(), ISR_CONFIG);
+        assert!(!eoi(&line));
+        let counters = line.counters();
+        assert_eq!((counters.asserts, counters.reasserts), (2, 1));
+        // Reset clears ISR: nothing left to re-assert.
+        interrupt.notify_queue(0);
+        driver.common_write(DEVICE_STATUS, 1, 0);
+        assert!(!eoi(&line));
+    }
+
+    #[test]
+    fn msix_enabled_means_no_intx() {
+        let line = intx_line();
+        let mut driver = Driver::with_interrupts(usize::from(QUEUES) + 1, Some(line.clone()));
+        assert_eq!(driver.cfg8(0x3d), 1);
+        driver.bring_up();
+        let interrupt = ack_interrupt(&driver.state);
+        interrupt.notify_queue(0);
+        assert_eq!(driver.vectors[1].injects(), 1);
+        assert_eq!(asserts(&line), 0, "no INTx while MSI-X is enabled");
+        // ISR is set (virtio sets it in any mode), but resample must not assert INTx.
+        assert!(!eoi(&line));
+        assert_eq!(asserts(&line), 0);
+        // The driver turns MSI-X off (e.g. falling back): INTx takes over.
+        driver.msix_control(0);
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&line), 1);
+        assert_eq!(driver.vectors[1].injects(), 1);
+    }
+
+    #[test]
+    fn intx_disable_in_the_command_register_silences_the_line() {
+        let line = intx_line();
+        let mut driver = Driver::with_interrupts(0, Some(line.clone()));
+        driver.bring_up_intx();
+        let interrupt = ack_interrupt(&driver.state);
+        let command = driver.cfg16(0x04);
+        driver
+            .dev
+            .config_write(0x04, &(command | 0x0400).to_le_bytes());
+        interrupt.notify_queue(0);
+        assert_eq!(asserts(&line), 0);
+        assert!(!eoi(&line));
+        driver.dev.config_write(0x04, &command.to_le_bytes());
+        // ISR is still set from before: the next EOI (or interrupt) asserts.
+        assert!(eoi(&line));
+        assert_eq!(asserts(&line), 1);
+    }
+
     fn ack_interrupt(state: &Arc<Mutex<FakeState>>) -> Arc<dyn VirtioInterrupt> {
         state.lock().unwrap().interrupt.clone().unwrap()
     }
@@ -1372,6 +1609,7 @@ mod tests {
             driver
                 .dev
                 .msix()
+                .unwrap()
                 .vector_state(1)
                 .unwrap()
                 .message
@@ -1391,7 +1629,7 @@ mod tests {
         // Queue 1 has no vector: its signals go nowhere, and are counted.
         interrupt.notify_queue(1);
         interrupt.notify_queue(7);
-        assert_eq!(driver.dev.msix().counters().dropped_invalid, 1);
+        assert_eq!(driver.dev.msix().unwrap().counters().dropped_invalid, 1);
         assert_eq!(driver.dev.counters().bad_notifications, 1);
 
         // Masking the entry pends, unmasking delivers.
@@ -1523,7 +1761,7 @@ mod tests {
         driver.common_write(DRIVER_FEATURE_SELECT, 4, 1);
         assert_eq!(driver.common_read(DRIVER_FEATURE, 4), 0);
         // MSI-X belongs to config space: a virtio reset leaves it enabled.
-        assert!(driver.dev.msix().is_enabled());
+        assert!(driver.dev.msix().unwrap().is_enabled());
         assert_eq!(
             driver.cfg16(driver.s.msix_cap + 2) & MSIX_CONTROL_ENABLE,
             MSIX_CONTROL_ENABLE
@@ -1703,8 +1941,13 @@ mod tests {
             new(1, 100, vector(), BAR0),
             Err(VirtioPciError::BadMaxQueueSize(100))
         ));
+        // No vectors is a function without MSI-X; more than the spec allows is refused.
+        assert!(new(1, 256, Vec::new(), BAR0).is_ok_and(|dev| dev.msix().is_none()));
+        let too_many = (0..=irq::msix::MSIX_MAX_VECTORS)
+            .map(|_| Arc::new(FakeVector::default()) as Arc<dyn MsiVector>)
+            .collect();
         assert!(matches!(
-            new(1, 256, Vec::new(), BAR0),
+            new(1, 256, too_many, BAR0),
             Err(VirtioPciError::Msix(_))
         ));
         assert!(matches!(
@@ -1773,6 +2016,6 @@ mod tests {
             }
         }
         assert!(driver.dev.counters().ignored_accesses > 1000);
-        assert!(driver.dev.msix().counters().ignored_accesses > 100);
+        assert!(driver.dev.msix().unwrap().counters().ignored_accesses > 100);
     }
 }
