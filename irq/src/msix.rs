@@ -408,14 +408,13 @@ impl Msix {
             return;
         };
         if *configured != wanted {
-            match vector.configure(wanted) {
-                Ok(()) => *configured = wanted,
-                Err(_) => {
-                    // Unconfigured is the safe state: no inject until a later change succeeds.
-                    *configured = None;
-                    regs.counters.delivery_errors += 1;
-                }
+            if vector.configure(wanted).is_err() {
+                // Counted, but the vector follows the guest anyway: marking it unroutable would
+                // drop every later interrupt and hang the guest's I/O; a vector that cannot
+                // deliver reports that from inject().
+                regs.counters.delivery_errors += 1;
             }
+            *configured = wanted;
         }
         if regs.is_live(index) && regs.is_pending(index) {
             regs.set_pending(index, false);

@@ -283,12 +283,15 @@ impl MsiVector for KvmMsiVector {
             Some(gsi) => state.generation = self.router.update_route(gsi, message),
             None => match self.router.add_route(message) {
                 Some((gsi, generation)) => {
-                    if let Err(e) = self.router.ops.register_irqfd(&self.irqfd, gsi) {
+                    if self.router.ops.register_irqfd(&self.irqfd, gsi).is_ok() {
+                        state.gsi = Some(gsi);
+                        state.generation = generation;
+                    } else {
+                        // Never lose the vector: without an irqfd it is still delivered,
+                        // through KVM_SIGNAL_MSI with the message kept in `state`.
                         self.router.remove_route(gsi);
-                        return Err(e);
+                        self.router.stats.errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    state.gsi = Some(gsi);
-                    state.generation = generation;
                 }
                 None => {
                     self.router
@@ -338,8 +341,13 @@ impl Drop for KvmMsiVector {
 mod tests {
     use super::*;
 
+    fn libc_ebusy() -> i32 {
+        16
+    }
+
     #[derive(Default)]
     struct FakeKvm {
+        refuse_irqfds: std::sync::atomic::AtomicBool,
         tables: Mutex<Vec<Vec<(u32, u32, u64)>>>,
         irqfds: Mutex<Vec<(bool, u32)>>,
         signalled: Mutex<Vec<MsiMessage>>,
@@ -365,6 +373,9 @@ mod tests {
             Ok(())
         }
         fn register_irqfd(&self, _fd: &EventFd, gsi: u32) -> io::Result<()> {
+            if self.refuse_irqfds.load(Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc_ebusy()));
+            }
             self.irqfds.lock().unwrap().push((true, gsi));
             Ok(())
         }
@@ -484,6 +495,19 @@ mod tests {
         assert_eq!(stats.route_budget_misses.load(Ordering::Relaxed), 1);
         assert_eq!(stats.signal_msi_injections.load(Ordering::Relaxed), 1);
         assert_eq!(stats.irqfd_injections.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_refused_irqfd_falls_back_to_signal_msi_instead_of_losing_interrupts() {
+        let (kvm, router) = setup(KVM_MAX_ROUTES);
+        kvm.refuse_irqfds.store(true, Ordering::Relaxed);
+        let v = router.new_vector().unwrap();
+        v.configure(Some(message(1, 0x41))).unwrap();
+        assert_eq!(v.gsi(), None);
+        assert_eq!(router.routes_in_use(), 0, "the route was given back");
+        v.inject().unwrap();
+        assert_eq!(*kvm.signalled.lock().unwrap(), vec![message(1, 0x41)]);
+        assert_eq!(router.stats().errors.load(Ordering::Relaxed), 1);
     }
 
     #[test]
