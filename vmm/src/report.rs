@@ -523,6 +523,47 @@ fn spawn_monitor(
     Ok(ProbeMonitor { stop, thread })
 }
 
+/// Probing that makes no progress for this long gets a one-time report of every disk with
+/// requests in flight: a guest hung on a lost completion or interrupt shows where it waits.
+const STALL_REPORT_AFTER: Duration = Duration::from_secs(15);
+
+/// One line per queue with outstanding requests (nothing when every device is idle, as after
+/// a probe that simply finished with failures), with the queue's MSI-X vector state.
+fn report_stall(functions: &[VirtioFunction], out: &mut Box<dyn Write + Send>, elapsed: Duration) {
+    for function in functions {
+        let Ok(transport) = function.transport.lock() else {
+            continue;
+        };
+        let outstanding = transport.outstanding_requests();
+        if outstanding.is_empty() {
+            continue;
+        }
+        let routing = transport.interrupt_routing();
+        let msix = transport.msix().cloned();
+        drop(transport);
+        for queue in outstanding {
+            let vector = routing
+                .queues
+                .get(usize::from(queue.queue))
+                .map_or(u16::MAX, |q| q.msix_vector);
+            let state = msix.as_ref().and_then(|m| m.vector_state(vector));
+            let _ = writeln!(
+                out,
+                "@@vmm stall elapsed_ms={} pci={} queue={} avail_idx={} used_idx={} vector={} live={} masked={} pending={}",
+                elapsed.as_millis(),
+                function.address,
+                queue.queue,
+                queue.avail_idx,
+                queue.used_idx,
+                vector,
+                state.is_some_and(|s| s.live),
+                state.is_some_and(|s| s.masked),
+                state.is_some_and(|s| s.pending),
+            );
+        }
+    }
+}
+
 fn watch_probe(
     functions: &[VirtioFunction],
     mut out: Box<dyn Write + Send>,
@@ -541,12 +582,21 @@ fn watch_probe(
             now.duration_since(started).as_millis()
         );
     };
+    let mut last_progress = (0, started);
+    let mut stall_reported = false;
     loop {
         history.observe(functions);
         let count = history.driver_ok_count();
         let now = Instant::now();
         if limiter.due(count, now) {
             print(&mut out, count, now);
+        }
+        if count != last_progress.0 {
+            last_progress = (count, now);
+            stall_reported = false;
+        } else if !stall_reported && now.duration_since(last_progress.1) >= STALL_REPORT_AFTER {
+            stall_reported = true;
+            report_stall(functions, &mut out, now.duration_since(started));
         }
         if count == total {
             return history;

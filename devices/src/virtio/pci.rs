@@ -206,6 +206,15 @@ pub struct QueueRouting {
     pub msix_vector: u16,
 }
 
+/// A queue with requests in flight: the driver published up to `avail_idx`, the device
+/// returned up to `used_idx` (both free-running 16-bit counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutstandingRequests {
+    pub queue: u16,
+    pub avail_idx: u16,
+    pub used_idx: u16,
+}
+
 /// The driver's configuration of one queue.
 #[derive(Debug, Clone, Copy)]
 struct QueueSetup {
@@ -463,6 +472,33 @@ impl VirtioPciDevice {
         let mut counters = self.counters;
         counters.bad_notifications += self.interrupt.bad_queue_signals.load(Ordering::Relaxed);
         counters
+    }
+
+    /// Queues whose driver has published requests the device has not yet returned, read
+    /// from the rings in guest memory (avail idx vs used idx): what a stalled guest is
+    /// waiting for. Empty while the device is not active.
+    pub fn outstanding_requests(&self) -> Vec<OutstandingRequests> {
+        if !self.active {
+            return Vec::new();
+        }
+        // virtq_avail and virtq_used both start with a 16-bit flags word, then idx.
+        let ring_idx = |ring: u64| -> Option<u16> {
+            let address = GuestAddress(ring.checked_add(2)?);
+            vm_memory::Bytes::read_obj::<u16>(&self.memory, address).ok()
+        };
+        (0u16..)
+            .zip(self.queues.iter())
+            .filter(|(_, queue)| queue.enabled)
+            .filter_map(|(index, queue)| {
+                let avail_idx = ring_idx(queue.driver)?;
+                let used_idx = ring_idx(queue.device)?;
+                (avail_idx != used_idx).then_some(OutstandingRequests {
+                    queue: index,
+                    avail_idx,
+                    used_idx,
+                })
+            })
+            .collect()
     }
 
     /// The config and per-queue vectors the driver chose, for reports (e.g. which queues
@@ -1582,6 +1618,41 @@ mod tests {
             (0x2000, 0x3000)
         );
         assert_eq!(Bar0Layout::new(1024, 2048).size, 0x10000);
+    }
+
+    #[test]
+    fn outstanding_requests_compare_the_rings_in_guest_memory() {
+        use vm_memory::Bytes;
+        let mut driver = Driver::new();
+        assert!(
+            driver.dev.outstanding_requests().is_empty(),
+            "not active yet"
+        );
+        driver.bring_up();
+        assert!(
+            driver.dev.outstanding_requests().is_empty(),
+            "fresh rings are idle"
+        );
+        // The guest published two requests; the device returned none.
+        driver
+            .dev
+            .memory
+            .write_obj(2u16, GuestAddress(AVAIL + 2))
+            .unwrap();
+        assert_eq!(
+            driver.dev.outstanding_requests(),
+            vec![OutstandingRequests {
+                queue: 0,
+                avail_idx: 2,
+                used_idx: 0
+            }]
+        );
+        driver
+            .dev
+            .memory
+            .write_obj(2u16, GuestAddress(USED + 2))
+            .unwrap();
+        assert!(driver.dev.outstanding_requests().is_empty());
     }
 
     #[test]
