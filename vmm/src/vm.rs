@@ -289,6 +289,14 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let _ = std::io::stdout().flush();
     let probe_history = probe_monitor.stop();
     report::print_closing_report(&disks.functions, &probe_history);
+    // A notifier poll that failed leaves its queue deaf: the first thing to check when a
+    // guest's I/O hangs.
+    for (worker, stats) in disks.pool.stats().iter().enumerate() {
+        eprintln!(
+            "@@vmm io_worker index={worker} queues={} poll_errors={} enter_errors={} stale_completions={}",
+            stats.queues, stats.poll_errors, stats.enter_errors, stats.stale_completions
+        );
+    }
     if let Some(resampler) = disks.intx_resampler {
         resampler.stop();
     }
