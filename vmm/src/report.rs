@@ -311,6 +311,11 @@ impl DiskInterrupts {
         for (vector, later) in self.vectors.iter_mut().zip(&now.vectors) {
             vector.injected = later.injected;
         }
+        // The latched view may predate the device's first interrupt (the monitor stops
+        // watching once every disk reached DRIVER_OK): its line's count must be the final one.
+        if let (Some(intx), Some(later)) = (self.intx.as_mut(), now.intx) {
+            intx.asserts = later.asserts;
+        }
         self.status_at_exit = Some(now.status);
         self
     }
@@ -1312,6 +1317,27 @@ mod tests {
             ),
             (1, 1, 1)
         );
+    }
+
+    #[test]
+    fn closing_report_counts_intx_assertions_made_after_the_monitor_stopped() {
+        let line = irq::IntxLine::new(18).unwrap();
+        let disk = Guest::with_intx(2, 2, 0, Some(line.clone()));
+        disk.probe_intx(2);
+        let all = functions(&[&disk]);
+        let out = Output::default();
+        let monitor = spawn_monitor(all.clone(), Box::new(out.clone()), FAST).unwrap();
+        // The monitor ends by itself once every disk reached DRIVER_OK, before any I/O.
+        out.wait_for("@@vmm probe driver_ok=1 total=1");
+        let history = monitor.stop();
+        // The partition scan's completions come later; then the guest resets the device.
+        disk.notify_queue(0);
+        disk.notify_queue(1);
+        disk.common_write(DEVICE_STATUS, 1, 0);
+        let views = closing_views(&all, &history);
+        assert_eq!(views[0].mode, InterruptMode::Intx);
+        assert_eq!(views[0].status_at_exit, Some(0));
+        assert_eq!(views[0].intx.map(|intx| intx.asserts), Some(2));
     }
 
     #[test]
