@@ -312,11 +312,17 @@ impl MsiVector for KvmMsiVector {
         let stats = &self.router.stats;
         let result = match state.gsi {
             Some(_) => {
-                if !self.router.is_committed(state.generation) {
-                    self.router.commit()?;
+                if self.router.is_committed(state.generation) || self.router.commit().is_ok() {
+                    stats.irqfd_injections.fetch_add(1, Ordering::Relaxed);
+                    self.irqfd.write(1)
+                } else {
+                    // KVM does not have this vector's route yet, so an irqfd write would be
+                    // dropped; the guest waits for this interrupt forever. Deliver it directly
+                    // and retry the commit on the next injection.
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.signal_msi_injections.fetch_add(1, Ordering::Relaxed);
+                    self.router.ops.signal_msi(message)
                 }
-                stats.irqfd_injections.fetch_add(1, Ordering::Relaxed);
-                self.irqfd.write(1)
             }
             None => {
                 stats.signal_msi_injections.fetch_add(1, Ordering::Relaxed);
@@ -348,6 +354,7 @@ mod tests {
     #[derive(Default)]
     struct FakeKvm {
         refuse_irqfds: std::sync::atomic::AtomicBool,
+        refuse_routing: std::sync::atomic::AtomicBool,
         tables: Mutex<Vec<Vec<(u32, u32, u64)>>>,
         irqfds: Mutex<Vec<(bool, u32)>>,
         signalled: Mutex<Vec<MsiMessage>>,
@@ -355,6 +362,9 @@ mod tests {
 
     impl KvmIrqOps for FakeKvm {
         fn set_gsi_routing(&self, entries: &[kvm_irq_routing_entry]) -> io::Result<()> {
+            if self.refuse_routing.load(Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(12)); // ENOMEM
+            }
             let table = entries
                 .iter()
                 .map(|e| {
@@ -508,6 +518,28 @@ mod tests {
         v.inject().unwrap();
         assert_eq!(*kvm.signalled.lock().unwrap(), vec![message(1, 0x41)]);
         assert_eq!(router.stats().errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_delivers_through_signal_msi_and_the_next_injection_retries() {
+        let (kvm, router) = setup(KVM_MAX_ROUTES);
+        let v = router.new_vector().unwrap();
+        v.configure(Some(message(1, 0x42))).unwrap();
+        kvm.refuse_routing.store(true, Ordering::Relaxed);
+        v.inject().unwrap();
+        assert_eq!(*kvm.signalled.lock().unwrap(), vec![message(1, 0x42)]);
+        assert!(kvm.tables.lock().unwrap().is_empty());
+        kvm.refuse_routing.store(false, Ordering::Relaxed);
+        v.inject().unwrap();
+        assert_eq!(
+            kvm.tables.lock().unwrap().len(),
+            1,
+            "committed on the retry"
+        );
+        let stats = router.stats();
+        assert_eq!(stats.signal_msi_injections.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.irqfd_injections.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
     }
 
     #[test]

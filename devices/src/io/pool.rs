@@ -56,6 +56,8 @@ const SUBMISSION_ENTRIES: u32 = 256;
 const COMPLETION_ENTRIES: u32 = 8192;
 /// Upper bound on worker threads: one per host CPU is the default; more is a configuration error.
 pub const MAX_WORKERS: usize = 1024;
+/// A notifier poll that fails this many times in a row is not re-armed again.
+const MAX_CONSECUTIVE_POLL_FAILURES: u8 = 16;
 /// Pause after an unexpected `io_uring_enter` failure, so a persistent one cannot spin a CPU.
 const ENTER_ERROR_BACKOFF: Duration = Duration::from_millis(1);
 
@@ -181,7 +183,7 @@ struct WorkerShared {
     stale_completions: AtomicU64,
     /// `io_uring_enter` failures other than EINTR/EAGAIN/EBUSY.
     enter_errors: AtomicU64,
-    /// Notifier polls that failed (the queue stops hearing kicks until it is reset).
+    /// Notifier polls that failed (each is re-armed, up to a limit of failures in a row).
     poll_errors: AtomicU64,
 }
 
@@ -409,6 +411,8 @@ struct QueueEntry {
     in_batch: bool,
     /// Listed in the worker's `runnable`.
     runnable: bool,
+    /// Notifier polls that failed in a row.
+    poll_failures: u8,
 }
 
 struct Slot {
@@ -625,6 +629,7 @@ impl Worker {
             removal: None,
             in_batch: false,
             runnable: false,
+            poll_failures: 0,
         });
         self.by_key.insert(key, slot);
         self.live_entries += 1;
@@ -687,10 +692,18 @@ impl Worker {
         if result == -libc::EINVAL && multishot {
             self.multishot = false;
         } else if result < 0 {
-            // The poll itself failed (e.g. the eventfd was closed under us): re-arming could
-            // spin; the queue stays deaf until reset, and the counter says why.
+            // The poll failed (e.g. -ECANCELED or -ENOMEM from the kernel). A queue without a
+            // poll never hears the guest again and its requests hang, so re-arm; only a poll
+            // that keeps failing (a closed eventfd) is given up, so as not to spin.
+            entry.poll_failures = entry.poll_failures.saturating_add(1);
+            let give_up = entry.poll_failures > MAX_CONSECUTIVE_POLL_FAILURES;
             self.shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-            return;
+            if give_up {
+                self.process_queue(data.slot);
+                return;
+            }
+        } else {
+            entry.poll_failures = 0;
         }
         if rearm {
             if !self.multishot {
@@ -704,9 +717,8 @@ impl Worker {
                 entry.notify_armed = true;
             }
         }
-        if result >= 0 {
-            self.process_queue(data.slot);
-        }
+        // Also after a failed poll: a kick may have been lost with it.
+        self.process_queue(data.slot);
     }
 
     fn on_io(&mut self, data: UserData, result: i32) {
@@ -933,6 +945,50 @@ mod tests {
             .stats()
             .iter()
             .all(|stats| stats.stale_completions == 0));
+    }
+
+    /// A queue whose notifier is not a valid descriptor: every poll on it fails.
+    struct BrokenNotifierHandler {
+        notifications: Arc<AtomicU64>,
+    }
+
+    impl QueueHandler for BrokenNotifierHandler {
+        fn notifier_fd(&self) -> RawFd {
+            -1
+        }
+        fn process_notification(&mut self, _io: &mut IoSubmitter<'_>) {
+            self.notifications.fetch_add(1, Ordering::SeqCst);
+        }
+        fn complete(&mut self, _request: u32, _result: i32, _io: &mut IoSubmitter<'_>) {}
+        fn end_batch(&mut self) {}
+        fn in_flight_requests(&self, _requests: &mut Vec<u32>) {}
+    }
+
+    #[test]
+    fn failed_polls_are_re_armed_a_bounded_number_of_times() {
+        for pool in [
+            IoPool::new(1).unwrap(),
+            IoPool::with_one_shot_polls(1).unwrap(),
+        ] {
+            let notifications = Arc::new(AtomicU64::new(0));
+            let registration = pool
+                .add_queue(Box::new(BrokenNotifierHandler {
+                    notifications: notifications.clone(),
+                }))
+                .unwrap();
+            let limit = u64::from(MAX_CONSECUTIVE_POLL_FAILURES) + 1;
+            wait_for("the last failed poll", || {
+                pool.stats()[0].poll_errors == limit
+            });
+            // Every failure also looked at the queue, in case a kick was lost with the poll.
+            wait_for("a pass per failure", || {
+                notifications.load(Ordering::SeqCst) == 1 + limit
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(pool.stats()[0].poll_errors, limit, "given up, not spinning");
+            pool.remove_queues(vec![registration]);
+            assert_eq!(pool.stats()[0].queues, 0);
+        }
     }
 
     #[test]

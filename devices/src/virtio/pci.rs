@@ -1014,6 +1014,13 @@ impl PciDevice for VirtioPciDevice {
                 .intx_disabled
                 .store(self.config.intx_disabled(), Ordering::Release);
         }
+        // As on a real function, an interrupt raised while INTx was disabled (or MSI-X on)
+        // asserts the line once INTx is usable again, if the driver has not read ISR yet.
+        if self.interrupt.pending() {
+            if let Some(line) = self.interrupt.active_intx() {
+                line.assert();
+            }
+        }
         moved
     }
 
@@ -1561,8 +1568,10 @@ mod tests {
         // ISR is set (virtio sets it in any mode), but resample must not assert INTx.
         assert!(!eoi(&line));
         assert_eq!(asserts(&line), 0);
-        // The driver turns MSI-X off (e.g. falling back): INTx takes over.
+        // The driver turns MSI-X off (e.g. falling back): INTx takes over, at once for the
+        // interrupt whose ISR bit is still set.
         driver.msix_control(0);
+        assert_eq!(asserts(&line), 1);
         interrupt.notify_queue(0);
         assert_eq!(asserts(&line), 1);
         assert_eq!(driver.vectors[1].injects(), 1);
@@ -1581,10 +1590,14 @@ mod tests {
         interrupt.notify_queue(0);
         assert_eq!(asserts(&line), 0);
         assert!(!eoi(&line));
+        // Enabling INTx again with ISR still set asserts the line, as on real hardware.
         driver.dev.config_write(0x04, &command.to_le_bytes());
-        // ISR is still set from before: the next EOI (or interrupt) asserts.
+        assert_eq!(asserts(&line), 1);
+        // And it stays up across EOIs until the guest reads ISR.
         assert!(eoi(&line));
         assert_eq!(asserts(&line), 1);
+        assert_eq!(driver.isr(), ISR_QUEUE);
+        assert!(!eoi(&line));
     }
 
     fn ack_interrupt(state: &Arc<Mutex<FakeState>>) -> Arc<dyn VirtioInterrupt> {
