@@ -17,6 +17,14 @@ pub const PCI_EXTENDED_CONFIG_SPACE_SIZE: usize = 4096;
 pub const PCI_BAR_COUNT: usize = 6;
 /// Smallest memory BAR the sizing protocol can express (its low 4 bits are flags).
 pub const PCI_MIN_MEMORY_BAR_SIZE: u64 = 16;
+/// Capability id of MSI-X (PCI 3.0, 6.8.2).
+pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+/// MSI-X capability: message control at +2 (the body starts after id and next pointer).
+pub const MSIX_CAP_CONTROL: usize = 2;
+/// Message control, table offset/BIR and PBA offset/BIR.
+const MSIX_CAP_BODY_LEN: usize = 10;
+/// The BAR indicator sits in the low 3 bits of the table and PBA offsets.
+const MSIX_BIR_MASK: u32 = 0x7;
 
 // Header register offsets (PCI 3.0, 6.1).
 pub const PCI_VENDOR_ID: usize = 0x00;
@@ -233,6 +241,27 @@ impl PciConfigSpace {
         // Capabilities start on dword boundaries (PCI 3.0, 6.7).
         self.next_capability_offset = (offset + len).next_multiple_of(4);
         Ok(offset_byte)
+    }
+
+    /// Appends an MSI-X capability for a table of `table_size_field + 1` entries at
+    /// `table_offset` and a PBA at `pba_offset`, both in BAR `bar`; only the enable and
+    /// function-mask bits of message control are writable. Returns the capability's offset.
+    pub fn add_msix_capability(
+        &mut self,
+        table_size_field: u16,
+        bar: u8,
+        table_offset: u32,
+        pba_offset: u32,
+    ) -> Result<u8, PciConfigError> {
+        let bir = u32::from(bar) & MSIX_BIR_MASK;
+        let mut body = Vec::with_capacity(MSIX_CAP_BODY_LEN);
+        body.extend_from_slice(&table_size_field.to_le_bytes());
+        body.extend_from_slice(&(table_offset | bir).to_le_bytes());
+        body.extend_from_slice(&(pba_offset | bir).to_le_bytes());
+        let mut writable = [0u8; MSIX_CAP_BODY_LEN];
+        // Enable and function mask: bits 15 and 14 of message control.
+        writable[1] = 0xc0;
+        self.add_capability(PCI_CAP_ID_MSIX, &body, &writable)
     }
 
     /// A guest read of `data.len()` bytes at `offset`.

@@ -42,7 +42,7 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::pci::config::{
-    PciConfigError, PciConfigSpace, PciIds, PCI_COMMAND, PCI_INTERRUPT_PIN_INTA,
+    PciConfigError, PciConfigSpace, PciIds, MSIX_CAP_CONTROL, PCI_COMMAND, PCI_INTERRUPT_PIN_INTA,
 };
 use crate::pci::{BarRegion, PciDevice};
 
@@ -79,7 +79,7 @@ pub const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
 pub const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 pub const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
 pub const PCI_CAP_ID_VENDOR: u8 = 0x09;
-pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+pub use crate::pci::config::PCI_CAP_ID_MSIX;
 
 /// Fixed part of the BAR 0 layout.
 pub const COMMON_CFG_OFFSET: u64 = 0x0000;
@@ -122,9 +122,6 @@ const PCI_CFG_BAR: usize = 4;
 const PCI_CFG_OFFSET: usize = 8;
 const PCI_CFG_LENGTH: usize = 12;
 const PCI_CFG_DATA: usize = 16;
-/// MSI-X capability: message control at +2, table and PBA offset/BIR at +4 and +8.
-const MSIX_CAP_CONTROL: usize = 2;
-const MSIX_CAP_BODY_LEN: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioPciError {
@@ -964,19 +961,13 @@ fn add_capabilities(
     let Some(msix) = msix else {
         return Ok((None, pci_cfg_cap));
     };
-    // MSI-X: table and PBA in BAR 0 (BIR in the low 3 bits of each offset).
-    let mut body = Vec::with_capacity(MSIX_CAP_BODY_LEN);
-    body.extend_from_slice(&msix.control_table_size_field().to_le_bytes());
-    body.extend_from_slice(
-        &(layout.msix_table_offset as u32 | u32::from(VIRTIO_PCI_BAR)).to_le_bytes(),
-    );
-    body.extend_from_slice(
-        &(layout.msix_pba_offset as u32 | u32::from(VIRTIO_PCI_BAR)).to_le_bytes(),
-    );
-    let mut writable = vec![0u8; MSIX_CAP_BODY_LEN];
-    // Enable and function mask: bits 15 and 14 of message control.
-    writable[1] = 0xc0;
-    let msix_cap = config.add_capability(PCI_CAP_ID_MSIX, &body, &writable)?;
+    // MSI-X: table and PBA in BAR 0.
+    let msix_cap = config.add_msix_capability(
+        msix.control_table_size_field(),
+        VIRTIO_PCI_BAR,
+        layout.msix_table_offset as u32,
+        layout.msix_pba_offset as u32,
+    )?;
     Ok((Some(msix_cap), pci_cfg_cap))
 }
 
