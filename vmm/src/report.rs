@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Write};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use devices::virtio::pci::{STATUS_DRIVER_OK, VIRTIO_MSI_NO_VECTOR};
 use irq::msix::MsixSnapshot;
 
 use crate::pci::VirtioFunction;
+use crate::vcpu::VcpuActivity;
 
 /// How often the monitor looks at every disk while the guest probes them.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -413,8 +414,15 @@ impl ProbeHistory {
 
     fn observe(&mut self, functions: &[VirtioFunction]) {
         for (function, latched) in functions.iter().zip(self.driver_ok_views.iter_mut()) {
-            // Most polls find most disks still probing: a status read is all they cost.
-            if !reached_driver_ok(lock(&function.transport).device_status()) {
+            // Most polls find most disks still probing: a status read is all they cost. A
+            // transport busy right now is looked at next time (its holder may be stuck, and
+            // the stall report must still come out).
+            let status = match function.transport.try_lock() {
+                Ok(transport) => transport.device_status(),
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().device_status(),
+                Err(TryLockError::WouldBlock) => continue,
+            };
+            if !reached_driver_ok(status) {
                 continue;
             }
             let view = DiskInterrupts::capture(function);
@@ -482,6 +490,8 @@ impl ProgressLimiter {
 struct MonitorTiming {
     poll: Duration,
     min_gap: Duration,
+    /// No probe progress for this long prints the stall report.
+    stall_after: Duration,
 }
 
 /// The probe monitor thread; [`ProbeMonitor::stop`] ends it and hands back what it saw.
@@ -505,26 +515,32 @@ impl ProbeMonitor {
 /// `@@vmm probe driver_ok=312 total=500 elapsed_ms=N` when the number of disks that reached
 /// DRIVER_OK changes (at most every 500 ms, and the final count). Ends by itself once all
 /// reached DRIVER_OK, else when stopped. Elapsed time counts from this call.
-pub fn spawn_probe_monitor(functions: Vec<VirtioFunction>) -> io::Result<ProbeMonitor> {
+pub fn spawn_probe_monitor(
+    functions: Vec<VirtioFunction>,
+    vcpus: Arc<VcpuActivity>,
+) -> io::Result<ProbeMonitor> {
     spawn_monitor(
         functions,
+        vcpus,
         Box::new(io::stderr()),
         MonitorTiming {
             poll: POLL_INTERVAL,
             min_gap: MIN_PROGRESS_GAP,
+            stall_after: STALL_REPORT_AFTER,
         },
     )
 }
 
 fn spawn_monitor(
     functions: Vec<VirtioFunction>,
+    vcpus: Arc<VcpuActivity>,
     out: Box<dyn Write + Send>,
     timing: MonitorTiming,
 ) -> io::Result<ProbeMonitor> {
     let (stop, stop_requests) = mpsc::channel();
     let thread = thread::Builder::new()
         .name("probe-monitor".into())
-        .spawn(move || watch_probe(&functions, out, timing, &stop_requests))?;
+        .spawn(move || watch_probe(&functions, &vcpus, out, timing, &stop_requests))?;
     Ok(ProbeMonitor { stop, thread })
 }
 
@@ -534,10 +550,41 @@ const STALL_REPORT_AFTER: Duration = Duration::from_secs(15);
 
 /// One line per queue with outstanding requests (nothing when every device is idle, as after
 /// a probe that simply finished with failures), with the queue's MSI-X vector state.
-fn report_stall(functions: &[VirtioFunction], out: &mut Box<dyn Write + Send>, elapsed: Duration) {
+///
+/// First each vCPU's state: a vCPU stuck handling an exit points at the VMM (a transport it
+/// holds locked is then listed as busy), while vCPUs all inside KVM_RUN point at the guest or
+/// KVM (a lost interrupt, a halted CPU nobody wakes).
+fn report_stall(
+    functions: &[VirtioFunction],
+    vcpus: &VcpuActivity,
+    out: &mut Box<dyn Write + Send>,
+    elapsed: Duration,
+) {
+    for vcpu in vcpus.snapshot() {
+        let _ = writeln!(
+            out,
+            "@@vmm stall_vcpu index={} state={} address={:#x} for_ms={} elapsed_ms={}",
+            vcpu.index,
+            vcpu.state.name(),
+            vcpu.address,
+            vcpu.for_duration.as_millis(),
+            elapsed.as_millis()
+        );
+    }
     for function in functions {
-        let Ok(transport) = function.transport.lock() else {
-            continue;
+        // Never wait for a transport here: the vCPU holding it may be what is stuck.
+        let transport = match function.transport.try_lock() {
+            Ok(transport) => transport,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let _ = writeln!(
+                    out,
+                    "@@vmm stall_busy pci={} lock=held elapsed_ms={}",
+                    function.address,
+                    elapsed.as_millis()
+                );
+                continue;
+            }
         };
         let outstanding = transport.outstanding_requests();
         if outstanding.is_empty() {
@@ -571,6 +618,7 @@ fn report_stall(functions: &[VirtioFunction], out: &mut Box<dyn Write + Send>, e
 
 fn watch_probe(
     functions: &[VirtioFunction],
+    vcpus: &VcpuActivity,
     mut out: Box<dyn Write + Send>,
     timing: MonitorTiming,
     stop_requests: &mpsc::Receiver<()>,
@@ -599,9 +647,9 @@ fn watch_probe(
         if count != last_progress.0 {
             last_progress = (count, now);
             stall_reported = false;
-        } else if !stall_reported && now.duration_since(last_progress.1) >= STALL_REPORT_AFTER {
+        } else if !stall_reported && now.duration_since(last_progress.1) >= timing.stall_after {
             stall_reported = true;
-            report_stall(functions, &mut out, now.duration_since(started));
+            report_stall(functions, vcpus, &mut out, now.duration_since(started));
         }
         if count == total {
             return history;
@@ -1238,16 +1286,27 @@ mod tests {
         }
     }
 
+    fn idle_vcpus() -> Arc<VcpuActivity> {
+        Arc::new(VcpuActivity::new(1))
+    }
+
     const FAST: MonitorTiming = MonitorTiming {
         poll: Duration::from_millis(2),
         min_gap: Duration::ZERO,
+        stall_after: Duration::from_secs(3600),
     };
 
     #[test]
     fn monitor_reports_progress_and_ends_when_every_disk_is_up() {
         let (a, b) = (Guest::new(1, 2, 3), Guest::new(2, 2, 3));
         let out = Output::default();
-        let monitor = spawn_monitor(functions(&[&a, &b]), Box::new(out.clone()), FAST).unwrap();
+        let monitor = spawn_monitor(
+            functions(&[&a, &b]),
+            idle_vcpus(),
+            Box::new(out.clone()),
+            FAST,
+        )
+        .unwrap();
         a.probe_per_queue(2);
         out.wait_for("@@vmm probe driver_ok=1 total=2");
         b.probe_shared(2);
@@ -1272,7 +1331,13 @@ mod tests {
     fn stopped_monitor_prints_the_final_count() {
         let (a, b) = (Guest::new(1, 2, 3), Guest::new(2, 2, 3));
         let out = Output::default();
-        let monitor = spawn_monitor(functions(&[&a, &b]), Box::new(out.clone()), FAST).unwrap();
+        let monitor = spawn_monitor(
+            functions(&[&a, &b]),
+            idle_vcpus(),
+            Box::new(out.clone()),
+            FAST,
+        )
+        .unwrap();
         b.probe_fails();
         let history = monitor.stop();
         assert_eq!(history.driver_ok_count(), 0);
@@ -1293,7 +1358,8 @@ mod tests {
         c.probe_fails();
         let all = functions(&[&a, &b, &c]);
         let out = Output::default();
-        let monitor = spawn_monitor(all.clone(), Box::new(out.clone()), FAST).unwrap();
+        let monitor =
+            spawn_monitor(all.clone(), idle_vcpus(), Box::new(out.clone()), FAST).unwrap();
         out.wait_for("@@vmm probe driver_ok=2 total=3");
         let history = monitor.stop();
         // The guest shuts down: a resets its device after more I/O; b stays up.
@@ -1326,7 +1392,8 @@ mod tests {
         disk.probe_intx(2);
         let all = functions(&[&disk]);
         let out = Output::default();
-        let monitor = spawn_monitor(all.clone(), Box::new(out.clone()), FAST).unwrap();
+        let monitor =
+            spawn_monitor(all.clone(), idle_vcpus(), Box::new(out.clone()), FAST).unwrap();
         // The monitor ends by itself once every disk reached DRIVER_OK, before any I/O.
         out.wait_for("@@vmm probe driver_ok=1 total=1");
         let history = monitor.stop();
@@ -1341,9 +1408,57 @@ mod tests {
     }
 
     #[test]
+    fn a_stall_report_names_each_vcpus_state_and_never_waits_for_a_held_transport() {
+        let disk = Guest::new(1, 2, 3);
+        let vcpus = Arc::new(VcpuActivity::new(2));
+        use crate::vcpu::VcpuState;
+        vcpus.set(0, VcpuState::InKvmRun, 0);
+        vcpus.set(1, VcpuState::MmioWrite, 0x40_0000_1000);
+        let out = Output::default();
+        let timing = MonitorTiming {
+            stall_after: Duration::from_millis(50),
+            ..FAST
+        };
+        // A vCPU stuck inside the transport holds its lock for good.
+        let held = disk.function.transport.lock().unwrap();
+        let monitor =
+            spawn_monitor(functions(&[&disk]), vcpus, Box::new(out.clone()), timing).unwrap();
+        let vcpu_line = |index: usize, state: &str, address: &str| {
+            format!("@@vmm stall_vcpu index={index} state={state} address={address}")
+        };
+        let lines = || -> Vec<String> {
+            out.lines()
+                .iter()
+                .map(|l| l.split(" for_ms=").next().unwrap().to_string())
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lines().iter().any(|l| l.starts_with("@@vmm stall_busy")) {
+            assert!(
+                Instant::now() < deadline,
+                "no stall report: {:?}",
+                out.lines()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        let lines = lines();
+        assert!(
+            lines.contains(&vcpu_line(0, "in_kvm_run", "0x0")),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&vcpu_line(1, "mmio_write", "0x4000001000")),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"@@vmm stall_busy pci=0000:00:01.0 lock=held".to_string()));
+        drop(held);
+        monitor.stop();
+    }
+
+    #[test]
     fn no_disks_no_lines() {
         let out = Output::default();
-        let monitor = spawn_monitor(Vec::new(), Box::new(out.clone()), FAST).unwrap();
+        let monitor = spawn_monitor(Vec::new(), idle_vcpus(), Box::new(out.clone()), FAST).unwrap();
         assert!(monitor.stop().driver_ok_views.is_empty());
         assert!(out.lines().is_empty());
     }

@@ -1,8 +1,9 @@
 //! vCPU state at reset and the run loop that turns KVM exits into device accesses.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::Bus;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
@@ -190,9 +191,117 @@ pub fn configure(
     Ok(())
 }
 
+/// What a vCPU thread is doing, as a stall report shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    NotStarted,
+    /// Inside KVM_RUN: the guest runs (or halts) and KVM handles its exits in the kernel.
+    InKvmRun,
+    /// Back in the VMM, handling an exit at `address` (port or guest-physical address).
+    PioRead,
+    PioWrite,
+    MmioRead,
+    MmioWrite,
+    Stopped,
+}
+
+impl VcpuState {
+    const ALL: [VcpuState; 7] = [
+        VcpuState::NotStarted,
+        VcpuState::InKvmRun,
+        VcpuState::PioRead,
+        VcpuState::PioWrite,
+        VcpuState::MmioRead,
+        VcpuState::MmioWrite,
+        VcpuState::Stopped,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VcpuState::NotStarted => "not_started",
+            VcpuState::InKvmRun => "in_kvm_run",
+            VcpuState::PioRead => "pio_read",
+            VcpuState::PioWrite => "pio_write",
+            VcpuState::MmioRead => "mmio_read",
+            VcpuState::MmioWrite => "mmio_write",
+            VcpuState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Bits of a slot's word that hold the time; the state sits above them.
+const SINCE_BITS: u32 = 56;
+const SINCE_MASK: u64 = (1 << SINCE_BITS) - 1;
+
+#[derive(Default)]
+struct ActivitySlot {
+    /// State index in the top byte, microseconds since the epoch below.
+    state_and_since: AtomicU64,
+    address: AtomicU64,
+}
+
+/// Every vCPU's current state and since when, written by the vCPU threads (two relaxed
+/// stores per exit) and read by stall reports: a guest that stops making progress either
+/// waits inside KVM_RUN (its own business or KVM's) or is stuck in the VMM handling an exit,
+/// and the report says which.
+pub struct VcpuActivity {
+    epoch: Instant,
+    slots: Box<[ActivitySlot]>,
+}
+
+/// One vCPU as a stall report prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSnapshot {
+    pub index: usize,
+    pub state: VcpuState,
+    pub address: u64,
+    pub for_duration: Duration,
+}
+
+impl VcpuActivity {
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            epoch: Instant::now(),
+            slots: (0..vcpus).map(|_| ActivitySlot::default()).collect(),
+        }
+    }
+
+    pub fn set(&self, vcpu: usize, state: VcpuState, address: u64) {
+        let Some(slot) = self.slots.get(vcpu) else {
+            return;
+        };
+        let since = (self.epoch.elapsed().as_micros() as u64) & SINCE_MASK;
+        let index = VcpuState::ALL.iter().position(|s| *s == state).unwrap_or(0) as u64;
+        slot.address.store(address, Ordering::Relaxed);
+        slot.state_and_since
+            .store((index << SINCE_BITS) | since, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Vec<VcpuSnapshot> {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        (0..)
+            .zip(self.slots.iter())
+            .map(|(index, slot)| {
+                let word = slot.state_and_since.load(Ordering::Relaxed);
+                let state = VcpuState::ALL
+                    .get((word >> SINCE_BITS) as usize)
+                    .copied()
+                    .unwrap_or(VcpuState::NotStarted);
+                VcpuSnapshot {
+                    index,
+                    state,
+                    address: slot.address.load(Ordering::Relaxed),
+                    for_duration: Duration::from_micros(now.saturating_sub(word & SINCE_MASK)),
+                }
+            })
+            .collect()
+    }
+}
+
 /// What a vCPU thread shares with the rest of the VMM.
 pub struct VcpuContext {
     pub index: u32,
+    pub activity: Arc<VcpuActivity>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exits: Sender<VmExit>,
@@ -205,23 +314,30 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     if let Some(launched) = ctx.launched {
         eprintln!("@@vmm first_run_us={}", launched.elapsed().as_micros());
     }
+    let vcpu_index = ctx.index as usize;
+    let activity = |state, address| ctx.activity.set(vcpu_index, state, address);
     let exit = loop {
+        activity(VcpuState::InKvmRun, 0);
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                activity(VcpuState::PioRead, u64::from(port));
                 if !ctx.pio.read(u64::from(port), data) {
                     // Nothing decodes the port: the bus floats high.
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                activity(VcpuState::PioWrite, u64::from(port));
                 ctx.pio.write(u64::from(port), data);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                activity(VcpuState::MmioRead, addr);
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                activity(VcpuState::MmioWrite, addr);
                 ctx.mmio.write(addr, data);
             }
             Ok(VcpuExit::Shutdown) => {
@@ -278,6 +394,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             }
         }
     };
+    activity(VcpuState::Stopped, 0);
     // The receiver only goes away when the VMM is already exiting.
     let _ = ctx.exits.send(exit);
 }
@@ -338,5 +455,25 @@ mod tests {
         indices.sort();
         indices.dedup();
         assert_eq!(indices.len(), msrs.len());
+    }
+
+    #[test]
+    fn activity_shows_each_vcpus_state_and_how_long_it_has_been_in_it() {
+        let activity = VcpuActivity::new(2);
+        assert!(activity
+            .snapshot()
+            .iter()
+            .all(|v| v.state == VcpuState::NotStarted));
+        activity.set(1, VcpuState::MmioWrite, 0xfebf_0000);
+        activity.set(0, VcpuState::InKvmRun, 0);
+        activity.set(7, VcpuState::PioRead, 0x3f8); // no such vCPU: ignored
+        std::thread::sleep(Duration::from_millis(20));
+        let snapshot = activity.snapshot();
+        assert_eq!(snapshot.len(), 2);
+        assert_eq!(snapshot[0].state, VcpuState::InKvmRun);
+        assert_eq!(snapshot[1].state, VcpuState::MmioWrite);
+        assert_eq!(snapshot[1].address, 0xfebf_0000);
+        assert!(snapshot[1].for_duration >= Duration::from_millis(20));
+        assert_eq!(VcpuState::Stopped.name(), "stopped");
     }
 }

@@ -21,7 +21,7 @@ use crate::disks::{self, DiskError};
 use crate::layout;
 use crate::pci::{self, PciError, PciSegment};
 use crate::report;
-use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::vcpu::{self, VcpuActivity, VcpuContext, VcpuError};
 
 /// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -262,11 +262,13 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         );
         return Ok(VmExit::DryRun);
     }
-    let probe_monitor =
-        report::spawn_probe_monitor(disks.functions.clone()).map_err(VmError::Thread)?;
+    let activity = Arc::new(VcpuActivity::new(vcpus.len()));
+    let probe_monitor = report::spawn_probe_monitor(disks.functions.clone(), activity.clone())
+        .map_err(VmError::Thread)?;
     for (index, fd) in (0u32..).zip(vcpus) {
         let ctx = VcpuContext {
             index,
+            activity: activity.clone(),
             pio: pio.clone(),
             mmio: mmio.clone(),
             exits: exit_tx.clone(),
