@@ -92,6 +92,7 @@ pub(crate) fn run_one(
     let mut collected = Collected::default();
     let mut eofs = 0;
     let mut deadline = start + spec.timeout;
+    let mut terminated = false;
     let mut killed = false;
     while eofs < readers.len() {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -105,12 +106,24 @@ pub(crate) fn run_one(
             }
             Ok(None) => eofs += 1,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if !terminated => {
+                // SIGTERM first: blkswarm then prints where each vCPU and queue was.
+                terminated = true;
+                // SAFETY: kill only sends a signal to our child, which is not reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                out.lost = Some(format!(
+                    "timed out after {} s and was stopped (SIGTERM)",
+                    spec.timeout.as_secs()
+                ));
+                deadline = Instant::now() + Duration::from_secs(crate::lab::TERM_GRACE_SECS);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
                 killed = true;
                 let _ = child.kill();
                 out.lost = Some(format!(
-                    "timed out after {} s and was killed",
-                    spec.timeout.as_secs()
+                    "timed out after {} s and was killed (no exit {} s after SIGTERM)",
+                    spec.timeout.as_secs(),
+                    crate::lab::TERM_GRACE_SECS
                 ));
                 // The pipes close when the process is gone; give the readers a moment.
                 deadline = Instant::now() + Duration::from_secs(5);

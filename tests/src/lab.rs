@@ -32,8 +32,10 @@ pub const LAB_PLAN: &str = "/lab/plan.sh";
 /// The L1 kernel command line.
 pub const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
+/// Between the SIGTERM that ends a guest past its timeout and the SIGKILL that follows.
+pub const TERM_GRACE_SECS: u64 = 10;
 /// Host-side slack on top of a guest's timeout before the whole lab is killed (the
-/// plan's own `timeout -s KILL` inside L1 should fire first).
+/// plan's own `timeout` inside L1 should fire first).
 pub const GUEST_GRACE: Duration = Duration::from_secs(30);
 /// Per-guest allowance in the overall lab deadline (process start, plan overhead).
 const PER_GUEST_OVERHEAD: Duration = Duration::from_secs(10);
@@ -61,7 +63,9 @@ fn timeout_secs(d: Duration) -> u64 {
 }
 
 /// The plan L1 runs with busybox sh (`run_guest` is defined by L1's /init). Each
-/// guest runs under `timeout -s KILL <its timeout>` when L1 has a `timeout` command,
+/// guest runs under `timeout -s TERM -k 10 <its timeout>` when L1 has a `timeout` command
+/// (SIGTERM makes blkswarm print where each vCPU and queue was before it exits; SIGKILL
+/// follows after 10 s if it does not),
 /// except the plan helpers L1's /init defines as shell functions (make_image,
 /// check_pattern, ...), which `timeout` cannot execute.
 pub fn plan_script(specs: &[GuestSpec]) -> String {
@@ -81,7 +85,7 @@ pub fn plan_script(specs: &[GuestSpec]) -> String {
         let first = shell::quote(argv.first().map_or("", String::as_str));
         s.push_str(&format!(
             "if limit {first}; then\n\
-             \x20   run_guest {name} timeout -s KILL {} {cmd}\n\
+             \x20   run_guest {name} timeout -s TERM -k {TERM_GRACE_SECS} {} {cmd}\n\
              else\n\
              \x20   run_guest {name} {cmd}\n\
              fi\n",
@@ -731,7 +735,7 @@ mod tests {
         ];
         let plan = plan_script(&specs);
         assert!(plan.contains(
-            "run_guest a timeout -s KILL 90 /lab/blkswarm --kernel /lab/guest/vmlinuz \
+            "run_guest a timeout -s TERM -k 10 90 /lab/blkswarm --kernel /lab/guest/vmlinuz \
              --initramfs /lab/guest/initramfs.cpio.gz --cmdline \
              'console=ttyS0 quiet panic=-1 blkswarm.scenario=boot' --cpus boot=2,max=8 \
              --memory size=1G\n"

@@ -339,8 +339,15 @@ impl GuestOutcome {
         let mut problems = Vec::new();
         match self.exit_code {
             Some(0) => {}
-            Some(137) if self.mode == Mode::Lab => problems
-                .push("exit code 137 (SIGKILL: the lab's per-guest timeout fired)".to_string()),
+            Some(143) if self.mode == Mode::Lab => problems.push(
+                "exit code 143 (SIGTERM: the lab's per-guest timeout fired; blkswarm prints \
+                 where each vCPU and queue was just before its exit line)"
+                    .to_string(),
+            ),
+            Some(137) if self.mode == Mode::Lab => problems.push(
+                "exit code 137 (SIGKILL: still running 10 s after the lab's timeout sent SIGTERM)"
+                    .to_string(),
+            ),
             Some(c) => problems.push(format!("exit code {c}")),
             None => problems.push("no exit code".to_string()),
         }
@@ -632,6 +639,8 @@ mod tests {
         assert_eq!(o.expect_clean(), Ok(()));
         assert_eq!(o.get("nproc"), Some("2"));
         assert_eq!(o.get_all("nproc"), ["1", "2"]);
+        o.exit_code = Some(143);
+        assert!(o.expect_clean().unwrap_err().contains("SIGTERM"));
         o.exit_code = Some(137);
         let e = o.expect_clean().unwrap_err();
         assert!(e.contains("timeout"), "{e}");

@@ -97,7 +97,12 @@ fn lab_mode_outcomes() {
     assert_eq!(o[0].get("x"), Some("1"));
     assert_eq!(o[0].vmm_get("reason"), Some("poweroff"));
 
-    assert_eq!(o[1].exit_code, Some(137), "in-L1 timeout: {:?}", o[1]);
+    assert_eq!(
+        o[1].exit_code,
+        Some(143),
+        "in-L1 timeout (SIGTERM): {:?}",
+        o[1]
+    );
     assert!(o[1].expect_clean().unwrap_err().contains("timeout"));
 
     let lost = o[2].lost.as_deref().expect("crash must be lost");

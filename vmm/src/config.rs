@@ -153,7 +153,9 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
 
 The guest's serial console (COM1) is stdout. VMM messages go to stderr; machine-readable
 ones start with '@@vmm '. Exit status: 0 guest powered off, 1 VMM error, 2 guest reset,
-3 guest fault (triple fault, KVM internal error, failed entry).
+3 guest fault (triple fault, KVM internal error, failed entry), 128+N stopped by signal N
+(SIGTERM/SIGINT: the vCPUs' states, queues in flight and the closing report are printed
+first).
 ";
 
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {

@@ -48,6 +48,7 @@ fn main() {
                 vm::VmExit::PowerOff => "poweroff".to_string(),
                 vm::VmExit::Reset => "reset".to_string(),
                 vm::VmExit::DryRun => "dry-run".to_string(),
+                vm::VmExit::Signal(signal) => format!("signal-{signal}"),
                 vm::VmExit::Fault { vcpu, cause } => {
                     eprintln!("blkswarm: guest fault on vCPU {vcpu}: {cause}");
                     "fault".to_string()

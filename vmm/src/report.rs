@@ -616,6 +616,14 @@ fn report_stall(
     }
 }
 
+/// The stall report's lines (vCPU states, queues with requests in flight) on stderr, for a
+/// run ended from outside, e.g. by a harness timeout.
+pub fn print_hang_report(functions: &[VirtioFunction], vcpus: &VcpuActivity) {
+    let mut out: Box<dyn Write + Send> = Box::new(io::stderr());
+    report_stall(functions, vcpus, &mut out, Duration::ZERO);
+    let _ = out.flush();
+}
+
 fn watch_probe(
     functions: &[VirtioFunction],
     vcpus: &VcpuActivity,

@@ -37,6 +37,8 @@ pub enum VmExit {
     Fault { vcpu: u32, cause: String },
     /// `--dry-run`: the VM was built and never ran.
     DryRun,
+    /// SIGTERM or SIGINT (e.g. a harness's timeout): the reports were printed, then exit.
+    Signal(i32),
 }
 
 impl VmExit {
@@ -46,6 +48,8 @@ impl VmExit {
             VmExit::PowerOff | VmExit::DryRun => 0,
             VmExit::Reset => 2,
             VmExit::Fault { .. } => 3,
+            // The shell's convention for "ended by signal N".
+            VmExit::Signal(signal) => 128 + signal,
         }
     }
 }
@@ -138,8 +142,48 @@ fn peak_rss_kib() -> i64 {
     }
 }
 
+/// SIGTERM and SIGINT, blocked in every thread so that one thread can wait for them and end
+/// the run with its reports instead of dying silently (a harness timeout then still shows
+/// where each vCPU and queue was).
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset only write the local set they are given.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks the stop signals in the calling thread; threads it spawns afterwards inherit it.
+fn block_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask reads the set and changes only this thread's signal mask.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// A thread that turns the first stop signal into a VM exit.
+fn spawn_signal_waiter(exits: mpsc::Sender<VmExit>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = stop_signals();
+            let mut signal = 0;
+            // SAFETY: sigwait reads the set and writes the signal number into `signal`; the
+            // signals are blocked in every thread, so none is delivered any other way.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                let _ = exits.send(VmExit::Signal(signal));
+            }
+        })
+        .map(|_| ())
+}
+
 /// Boots the guest described by `config` and returns once it stops.
 pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
+    block_stop_signals();
     // Before any KVM object: a VM that cannot fit refuses to start rather than half-start.
     let mut budget = budget::compute(config, &HostLimits::probe());
     budget.raise_open_files_limit();
@@ -279,6 +323,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
             .spawn(move || vcpu::run(fd, ctx))
             .map_err(VmError::Thread)?;
     }
+    spawn_signal_waiter(exit_tx.clone()).map_err(VmError::Thread)?;
     drop(exit_tx);
 
     let exit = exit_rx.recv().unwrap_or(VmExit::Fault {
@@ -290,6 +335,10 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     }
     let _ = std::io::stdout().flush();
     let probe_history = probe_monitor.stop();
+    if let VmExit::Signal(signal) = exit {
+        eprintln!("@@vmm signal={signal}: where everything was");
+        report::print_hang_report(&disks.functions, &activity);
+    }
     report::print_closing_report(&disks.functions, &probe_history);
     // A notifier poll that failed leaves its queue deaf: the first thing to check when a
     // guest's I/O hangs.

@@ -252,3 +252,40 @@ fn dry_run_builds_500_disks_on_16_buses_and_exits_before_the_guest_runs() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sigterm_prints_where_each_vcpu_and_disk_was_then_exits_143() {
+    require_kvm();
+    // hlt with interrupts off: the guest never stops by itself.
+    let guest = TinyGuest::new("sigterm", HALT);
+    let child = Command::new(blkswarm())
+        .arg("--kernel")
+        .arg(guest.kernel())
+        .args(["--memory", "size=128M", "--cpus", "boot=2"])
+        .args(["--disk", "backend=null,size=1M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("blkswarm runs");
+    // Long enough for the vCPUs to be inside KVM_RUN; the report says for how long.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: kill only sends a signal to the child we spawned (still unreaped).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("blkswarm exits");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "stderr: {stderr}");
+    assert!(stderr.contains("@@vmm signal=15"), "{stderr}");
+    assert!(
+        stderr.contains("@@vmm stall_vcpu index=0 state=in_kvm_run"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("@@vmm stall_vcpu index=1 state="),
+        "{stderr}"
+    );
+    assert!(stderr.contains("@@vmm disks total=1 "), "{stderr}");
+    assert!(
+        stderr.contains("@@vmm exit reason=signal-15 code=143"),
+        "{stderr}"
+    );
+}
