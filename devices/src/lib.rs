@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod io;
 pub mod legacy;
+pub mod nvme;
 pub mod pci;
 pub mod virtio;
 
