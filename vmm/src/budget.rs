@@ -10,6 +10,7 @@
 use std::fmt;
 use std::io;
 
+use devices::nvme::pci::NvmeBarLayout;
 use devices::pci::root::PCI_DEVICES_PER_BUS;
 use devices::virtio::pci::Bar0Layout;
 use irq::intx;
@@ -143,7 +144,9 @@ pub struct BusMmio {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
+    /// virtio-blk disks.
     pub disks: usize,
+    pub nvme_controllers: usize,
     pub vcpus: u32,
     pub io_workers: usize,
     /// One per queue.
@@ -176,9 +179,9 @@ pub struct Budget {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BudgetError {
     #[error(
-        "{disks} disks need {needed} PCI root buses, but blkswarm has at most {max} \
-         ({max_devices} devices: {DEVICES_ON_FIRST_BUS} on bus 0, {DEVICES_ON_LATER_BUS} on \
-         each other); use at most {max_devices} disks"
+        "{disks} disks and NVMe controllers need {needed} PCI root buses, but blkswarm has at \
+         most {max} ({max_devices} devices: {DEVICES_ON_FIRST_BUS} on bus 0, \
+         {DEVICES_ON_LATER_BUS} on each other); use at most {max_devices} disks and controllers"
     )]
     TooManyPciBuses {
         disks: usize,
@@ -227,22 +230,50 @@ pub fn compute(config: &VmConfig, limits: &HostLimits) -> Budget {
     compute_with(config, limits, PCI_LIMITS)
 }
 
+/// What one PCI function (a virtio-blk disk or an NVMe controller) costs.
+#[derive(Debug, Clone, Copy)]
+struct FunctionNeeds {
+    bar_size: u64,
+    msix_vectors: u64,
+    /// Queue notifier eventfds: ioeventfds of virtio queues, or the NVMe SQs' (at most one
+    /// per I/O queue pair the controller offers).
+    notifiers: u64,
+    image_files: u64,
+    intx: bool,
+}
+
+/// Every function of `config`, in placement order: `--disk`/`--disks`, then NVMe controllers.
+fn function_needs(config: &VmConfig) -> Vec<FunctionNeeds> {
+    let disks = config.disks.iter().map(|disk| FunctionNeeds {
+        bar_size: Bar0Layout::new(disk.num_queues, disk.msix_vectors).size,
+        msix_vectors: u64::from(disk.msix_vectors),
+        notifiers: u64::from(disk.num_queues),
+        image_files: u64::from(matches!(disk.backend, DiskBackendConfig::File { .. })),
+        intx: disk.intx,
+    });
+    let nvmes = config.nvmes.iter().map(|nvme| FunctionNeeds {
+        bar_size: NvmeBarLayout::new(nvme.max_io_queue_pairs, nvme.msix_vectors).size,
+        msix_vectors: u64::from(nvme.msix_vectors),
+        notifiers: u64::from(nvme.max_io_queue_pairs),
+        image_files: u64::from(matches!(nvme.backend, DiskBackendConfig::File { .. })),
+        intx: false,
+    });
+    disks.chain(nvmes).collect()
+}
+
 fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budget {
-    let disks = &config.disks;
+    let functions = function_needs(config);
     let io_workers = config.io_threads.unwrap_or(limits.host_cpus);
-    let ioeventfds: u64 = disks.iter().map(|d| u64::from(d.num_queues)).sum();
-    let msix_vectors: u64 = disks.iter().map(|d| u64::from(d.msix_vectors)).sum();
+    let ioeventfds: u64 = functions.iter().map(|f| f.notifiers).sum();
+    let msix_vectors: u64 = functions.iter().map(|f| f.msix_vectors).sum();
     let routed_vectors = msix_vectors.min(MSI_ROUTE_LIMIT as u64);
-    let intx_lines = disks.iter().filter(|d| d.intx).count() as u64;
+    let intx_lines = functions.iter().filter(|f| f.intx).count() as u64;
     let intx_files = if intx_lines > 0 {
         intx_lines * intx::EVENTFDS_PER_LINE + intx::RESAMPLER_FILES
     } else {
         0
     };
-    let image_files = disks
-        .iter()
-        .filter(|d| matches!(d.backend, DiskBackendConfig::File { .. }))
-        .count() as u64;
+    let image_files = functions.iter().map(|f| f.image_files).sum();
     let open_files = OpenFiles {
         notifiers: ioeventfds,
         interrupt_eventfds: msix_vectors + intx_files + LEGACY_IRQFDS,
@@ -252,13 +283,13 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
         stdio_and_margin: STDIO_FILES + OPEN_FILES_MARGIN,
     };
 
-    // Disks fill bus 0, then each next bus, in command-line order; on each bus BARs are
+    // Functions fill bus 0, then each next bus, in command-line order; on each bus BARs are
     // placed one after the other at their natural (power-of-two) alignment.
     let mut mmio_bytes = 0;
     let mut fullest_bus = BusMmio { bus: 0, bytes: 0 };
     let mut bus = BusMmio { bus: 0, bytes: 0 };
     let mut on_bus = 0;
-    for disk in disks {
+    for function in &functions {
         let bus_capacity = if bus.bus == 0 {
             DEVICES_ON_FIRST_BUS
         } else {
@@ -271,7 +302,7 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
             };
             on_bus = 0;
         }
-        let bar_size = Bar0Layout::new(disk.num_queues, disk.msix_vectors).size;
+        let bar_size = function.bar_size;
         mmio_bytes += bar_size;
         bus.bytes = bus.bytes.next_multiple_of(bar_size) + bar_size;
         on_bus += 1;
@@ -281,7 +312,8 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
     }
 
     Budget {
-        disks: disks.len(),
+        disks: config.disks.len(),
+        nvme_controllers: config.nvmes.len(),
         vcpus: config.cpus.max,
         io_workers,
         ioeventfds,
@@ -299,7 +331,7 @@ fn compute_with(config: &VmConfig, limits: &HostLimits, pci: PciLimits) -> Budge
         mmio_bytes,
         fullest_bus,
         bus_window_bytes: pci.bus_window_bytes,
-        pci_buses: pci_buses_for(disks.len()),
+        pci_buses: pci_buses_for(functions.len()),
         pci_buses_max: pci.root_buses_max,
         guest_memory_bytes: config.memory_bytes,
     }
@@ -346,7 +378,7 @@ impl Budget {
     pub fn check(&self) -> Result<(), BudgetError> {
         if self.pci_buses > self.pci_buses_max {
             return Err(BudgetError::TooManyPciBuses {
-                disks: self.disks,
+                disks: self.disks + self.nvme_controllers,
                 needed: self.pci_buses,
                 max: self.pci_buses_max,
                 max_devices: pci_devices_on(self.pci_buses_max),
@@ -402,14 +434,19 @@ fn limit_text(limit: u64) -> String {
 impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let files = &self.open_files;
+        let nvme = if self.nvme_controllers > 0 {
+            format!(" and {} NVMe controllers", self.nvme_controllers)
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "resource budget: {} disks, {} vCPUs possible, {} I/O workers",
+            "resource budget: {} disks{nvme}, {} vCPUs possible, {} I/O workers",
             self.disks, self.vcpus, self.io_workers
         )?;
         writeln!(
             f,
-            "  ioeventfds      {:>6}           one per queue",
+            "  ioeventfds      {:>6}           one per queue (NVMe: per I/O queue pair offered)",
             self.ioeventfds
         )?;
         writeln!(
@@ -544,6 +581,37 @@ mod tests {
         assert_eq!(budget.mmio_bytes, 16 << 10);
         assert_eq!(budget.open_files.image_files, 1);
         assert_eq!(budget.open_files.total(), 1 + 3 + 1 + 4 + 4 + 67);
+        assert_eq!(budget.check(), Ok(()));
+    }
+
+    #[test]
+    fn nvme_controllers_count_with_the_disks() {
+        let budget = compute(
+            &config(&[
+                "--disk",
+                "path=/img",
+                "--nvmes",
+                "count=100,backend=null,size=1G,max_ioqpairs=4",
+                "--nvme",
+                "path=/n.img,max_ioqpairs=32",
+            ]),
+            &SANDBOX,
+        );
+        assert_eq!((budget.disks, budget.nvme_controllers), (1, 101));
+        // A notifier per I/O queue pair offered, a vector per pair plus the admin queue's.
+        assert_eq!(budget.ioeventfds, 1 + 100 * 4 + 32);
+        assert_eq!(budget.msix_vectors, 2 + 100 * 5 + 33);
+        assert_eq!(budget.open_files.image_files, 2);
+        // 102 functions: 31 on bus 0, then 32 per bus.
+        assert_eq!(budget.pci_buses, 4);
+        // NVMe BAR 0: 16 KiB of registers and doorbells, the table, the PBA: 32 KiB each.
+        assert_eq!(
+            budget.mmio_bytes,
+            (16 << 10) + 100 * (32 << 10) + (32 << 10)
+        );
+        assert!(budget
+            .to_string()
+            .starts_with("resource budget: 1 disks and 101 NVMe controllers, 2 vCPUs possible"));
         assert_eq!(budget.check(), Ok(()));
     }
 

@@ -68,6 +68,37 @@ impl DiskConfig {
     }
 }
 
+/// Defaults of an NVMe controller: eight I/O queue pairs of 1024 entries (what Linux asks
+/// for at most by default), 512 KiB transfers (MDTS 7 with 4 KiB pages), as QEMU's.
+pub const DEFAULT_NVME_IO_QUEUE_PAIRS: u16 = 8;
+pub const DEFAULT_NVME_QUEUE_SIZE: u16 = 1024;
+pub const DEFAULT_NVME_MDTS: u8 = 7;
+/// I/O queue pairs per controller: queue ids are 16 bits, but every pair needs doorbells in
+/// BAR 0 and a notifier on the host; 1024 is past any guest's CPU count worth testing.
+pub const MAX_NVME_IO_QUEUE_PAIRS: u16 = 1024;
+/// Namespaces per controller.
+pub const MAX_NVME_NAMESPACES: u32 = 256;
+/// MDTS is a power of two of the 4 KiB page; 2^15 pages (128 MiB) is beyond any backend's use.
+pub const MAX_NVME_MDTS: u8 = 15;
+/// NVMe queues hold at most 65536 entries (CAP.MQES is 16 bits, 0's based).
+pub const MAX_NVME_QUEUE_SIZE: u32 = 65536;
+
+/// One NVMe controller (PCI function) of `--nvme` or `--nvmes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmeConfig {
+    /// What backs each namespace: a file backs one namespace; null backs each of them.
+    pub backend: DiskBackendConfig,
+    pub read_only: bool,
+    pub namespaces: u32,
+    pub max_io_queue_pairs: u16,
+    /// Entries per queue the controller allows (CAP.MQES + 1).
+    pub queue_size: u32,
+    pub msix_vectors: u16,
+    pub mdts: u8,
+    /// Serial number in Identify Controller; None: derived from the controller's index.
+    pub serial: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -76,6 +107,7 @@ pub struct VmConfig {
     pub cpus: CpuConfig,
     pub memory_bytes: u64,
     pub disks: Vec<DiskConfig>,
+    pub nvmes: Vec<NvmeConfig>,
     /// I/O worker threads; None: one per host CPU.
     pub io_threads: Option<usize>,
     /// Build the whole VM, then exit before the first guest instruction: measures the
@@ -125,7 +157,8 @@ pub enum ConfigError {
 pub const USAGE: &str = "\
 usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                 [--cpus boot=N[,max=M]] [--memory size=SIZE]
-                [--disk KEYS]... [--disks count=N,KEYS]... [--io-threads N]
+                [--disk KEYS]... [--disks count=N,KEYS]... [--nvme KEYS]...
+                [--nvmes count=N,KEYS]... [--io-threads N]
 
   --kernel PATH          bzImage to boot directly (no firmware)
   --initramfs PATH       initramfs handed to the kernel
@@ -148,6 +181,17 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                                   0: no MSI-X capability at all (needs intx=on)
                  intx=on|off      a legacy INTx line (INTA, level-triggered, IOAPIC GSI
                                   16-23, shared) the guest falls back to (default off)
+  --nvme path=IMG[,readonly=on][,direct=on][,NVME_KEYS]
+  --nvme backend=null,size=SIZE[,latency_us=N][,NVME_KEYS]
+                         an NVMe PCI controller; repeatable
+  --nvmes count=N,path=/dir/nvme%d.img|dir=/dir|backend=null,size=SIZE[,...][,NVME_KEYS]
+                         a group of N identical controllers, as --disks
+      NVME_KEYS: namespaces=N     namespaces, each of size= (null backend only; default 1)
+                 max_ioqpairs=Q   I/O queue pairs offered (default 8, at most 1024)
+                 queue_size=N     largest queue, in entries (CAP.MQES+1; default 1024)
+                 msix_vectors=V   MSI-X table size, 1..=2048 (default max_ioqpairs+1)
+                 mdts=M           largest transfer: 4 KiB << M (default 7; 0: no limit)
+                 serial=S         serial number, up to 20 characters
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
 
@@ -165,6 +209,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut cpus = None;
     let mut memory_bytes = DEFAULT_MEMORY_BYTES;
     let mut disks = Vec::new();
+    let mut nvmes: Vec<NvmeConfig> = Vec::new();
     let mut io_threads = None;
     let mut dry_run = false;
 
@@ -205,6 +250,31 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                 }
                 disks.extend(group.expand());
             }
+            "--nvme" => {
+                if nvmes.len() >= MAX_DISKS {
+                    return Err(ConfigError::TooManyDisks {
+                        disks: nvmes.len() + 1,
+                    });
+                }
+                nvmes.push(parse_nvme(&value()?)?)
+            }
+            "--nvmes" => {
+                let (count, template, images) = parse_nvme_group(&value()?)?;
+                if nvmes.len() + count > MAX_DISKS {
+                    return Err(ConfigError::TooManyDisks {
+                        disks: nvmes.len() + count,
+                    });
+                }
+                nvmes.extend((0..count).map(|index| {
+                    let mut nvme = template.clone();
+                    if let (Some(images), DiskBackendConfig::File { path, .. }) =
+                        (&images, &mut nvme.backend)
+                    {
+                        *path = images.path(index);
+                    }
+                    nvme
+                }));
+            }
             "--dry-run" => dry_run = true,
             "--io-threads" => {
                 let text = value()?;
@@ -225,6 +295,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         cpus: cpus.unwrap_or(CpuConfig { boot: 1, max: 1 }),
         memory_bytes,
         disks,
+        nvmes,
         io_threads,
         dry_run,
     }))
@@ -322,9 +393,21 @@ struct DiskKeys<'a> {
     queue_size: u16,
     msix_vectors: Option<u16>,
     intx: bool,
+    /// NVMe only (`--nvme`, `--nvmes`).
+    namespaces: u32,
+    max_io_queue_pairs: u16,
+    nvme_queue_size: u32,
+    mdts: u8,
+    serial: Option<&'a str>,
 }
 
-/// Reads a disk option's keys; `count` and `dir` exist only for groups.
+/// Whether an option describes NVMe controllers (else virtio-blk disks).
+fn is_nvme_option(option: &str) -> bool {
+    option.starts_with("--nvme")
+}
+
+/// Reads a disk option's keys; `count` and `dir` exist only for groups, NVMe keys only for
+/// `--nvme`/`--nvmes`, virtio-blk queue and INTx keys only for `--disk`/`--disks`.
 fn read_disk_keys<'a>(
     option: &'static str,
     list: &'a str,
@@ -344,7 +427,13 @@ fn read_disk_keys<'a>(
         queue_size: DEFAULT_QUEUE_SIZE,
         msix_vectors: None,
         intx: false,
+        namespaces: 1,
+        max_io_queue_pairs: DEFAULT_NVME_IO_QUEUE_PAIRS,
+        nvme_queue_size: u32::from(DEFAULT_NVME_QUEUE_SIZE),
+        mdts: DEFAULT_NVME_MDTS,
+        serial: None,
     };
+    let nvme = is_nvme_option(option);
     for (key, value) in key_values(list) {
         let number = |min: u64, max: u64| {
             value
@@ -367,7 +456,31 @@ fn read_disk_keys<'a>(
             "latency_us" => keys.latency_us = number(0, MAX_LATENCY_US)?,
             "direct" => keys.direct = on_off(option, key, value)?,
             "readonly" => keys.read_only = on_off(option, key, value)?,
-            "num_queues" => keys.num_queues = number(1, u64::from(MAX_NUM_QUEUES))? as u16,
+            "num_queues" if !nvme => keys.num_queues = number(1, u64::from(MAX_NUM_QUEUES))? as u16,
+            "namespaces" if nvme => {
+                keys.namespaces = number(1, u64::from(MAX_NVME_NAMESPACES))? as u32
+            }
+            "max_ioqpairs" if nvme => {
+                keys.max_io_queue_pairs = number(1, u64::from(MAX_NVME_IO_QUEUE_PAIRS))? as u16
+            }
+            "mdts" if nvme => keys.mdts = number(0, u64::from(MAX_NVME_MDTS))? as u8,
+            "serial" if nvme => {
+                // Identify Controller's SN field: 20 printable ASCII characters.
+                let printable = value.bytes().all(|b| b.is_ascii_graphic());
+                if value.is_empty() || value.len() > 20 || !printable {
+                    return Err(bad_value(
+                        option,
+                        key,
+                        value,
+                        "expected 1..=20 printable ASCII characters",
+                    ));
+                }
+                keys.serial = Some(value)
+            }
+            "queue_size" if nvme => {
+                // A queue needs two entries to hold one command (one slot stays empty).
+                keys.nvme_queue_size = number(2, u64::from(MAX_NVME_QUEUE_SIZE))? as u32
+            }
             "queue_size" => {
                 keys.queue_size = number(1, u64::from(MAX_QUEUE_SIZE))? as u16;
                 if !keys.queue_size.is_power_of_two() {
@@ -376,9 +489,11 @@ fn read_disk_keys<'a>(
             }
             // 0: a function without an MSI-X capability (then it needs intx=on).
             "msix_vectors" => {
-                keys.msix_vectors = Some(number(0, u64::from(MAX_MSIX_VECTORS))? as u16)
+                // NVMe has no INTx here: a controller needs at least one vector.
+                let least = u64::from(nvme);
+                keys.msix_vectors = Some(number(least, u64::from(MAX_MSIX_VECTORS))? as u16)
             }
-            "intx" => keys.intx = on_off(option, key, value)?,
+            "intx" if !nvme => keys.intx = on_off(option, key, value)?,
             _ => {
                 return Err(ConfigError::UnknownKey {
                     option: option.into(),
@@ -393,6 +508,31 @@ fn read_disk_keys<'a>(
         });
     }
     Ok(keys)
+}
+
+impl DiskKeys<'_> {
+    /// An NVMe controller with every setting but the backend's.
+    fn nvme(&self, backend: DiskBackendConfig) -> Result<NvmeConfig, ConfigError> {
+        if self.namespaces > 1 && matches!(backend, DiskBackendConfig::File { .. }) {
+            return Err(bad_value(
+                self.option,
+                "namespaces",
+                &self.namespaces.to_string(),
+                "an image file backs one namespace; several need backend=null",
+            ));
+        }
+        Ok(NvmeConfig {
+            backend,
+            read_only: self.read_only,
+            namespaces: self.namespaces,
+            max_io_queue_pairs: self.max_io_queue_pairs,
+            queue_size: self.nvme_queue_size,
+            // What Linux asks for: one vector per I/O queue plus the admin queue's.
+            msix_vectors: self.msix_vectors.unwrap_or(self.max_io_queue_pairs + 1),
+            mdts: self.mdts,
+            serial: self.serial.map(str::to_string),
+        })
+    }
 }
 
 impl DiskKeys<'_> {
@@ -539,40 +679,7 @@ fn parse_disk_group(list: &str) -> Result<DiskGroup, ConfigError> {
             images: None,
         });
     }
-    let images = match (keys.path, keys.dir) {
-        (Some(pattern), None) => {
-            if pattern.matches(DISK_INDEX_PLACEHOLDER).count() != 1 {
-                return Err(bad_value(
-                    OPT,
-                    "path",
-                    pattern,
-                    "expected one %d, replaced by the disk's index in the group",
-                ));
-            }
-            keys.check_file_keys(pattern)?;
-            GroupImages::Pattern(pattern.to_string())
-        }
-        (None, Some(dir)) if !dir.is_empty() => {
-            keys.check_file_keys(dir)?;
-            GroupImages::Directory(PathBuf::from(dir))
-        }
-        (Some(_), Some(_)) => {
-            return Err(bad_value(
-                OPT,
-                "dir",
-                keys.dir.unwrap_or_default(),
-                "give path= or dir=, not both",
-            ))
-        }
-        _ => {
-            return Err(bad_value(
-                OPT,
-                "path",
-                list,
-                "give path=/dir/disk%d.img, dir=/dir or backend=null,size=SIZE",
-            ))
-        }
-    };
+    let images = group_images(&keys, list)?;
     // The template's path is replaced by every disk's own.
     let template = keys.disk(DiskBackendConfig::File {
         path: PathBuf::new(),
@@ -583,6 +690,81 @@ fn parse_disk_group(list: &str) -> Result<DiskGroup, ConfigError> {
         template,
         images: Some(images),
     })
+}
+
+/// Where a group's image files are: `path=` with one `%d`, or `dir=`.
+fn group_images(keys: &DiskKeys<'_>, list: &str) -> Result<GroupImages, ConfigError> {
+    let option = keys.option;
+    match (keys.path, keys.dir) {
+        (Some(pattern), None) => {
+            if pattern.matches(DISK_INDEX_PLACEHOLDER).count() != 1 {
+                return Err(bad_value(
+                    option,
+                    "path",
+                    pattern,
+                    "expected one %d, replaced by the disk's index in the group",
+                ));
+            }
+            keys.check_file_keys(pattern)?;
+            Ok(GroupImages::Pattern(pattern.to_string()))
+        }
+        (None, Some(dir)) if !dir.is_empty() => {
+            keys.check_file_keys(dir)?;
+            Ok(GroupImages::Directory(PathBuf::from(dir)))
+        }
+        (Some(_), Some(_)) => Err(bad_value(
+            option,
+            "dir",
+            keys.dir.unwrap_or_default(),
+            "give path= or dir=, not both",
+        )),
+        _ => Err(bad_value(
+            option,
+            "path",
+            list,
+            "give path=/dir/disk%d.img, dir=/dir or backend=null,size=SIZE",
+        )),
+    }
+}
+
+fn parse_nvme(list: &str) -> Result<NvmeConfig, ConfigError> {
+    const OPT: &str = "--nvme";
+    let keys = read_disk_keys(OPT, list, false)?;
+    if let Some(null) = keys.null_backend()? {
+        return keys.nvme(null);
+    }
+    let path = keys.path.filter(|path| !path.is_empty()).ok_or_else(|| {
+        bad_value(
+            OPT,
+            "path",
+            list,
+            "give path=IMG (file) or backend=null,size=SIZE",
+        )
+    })?;
+    keys.check_file_keys(path)?;
+    keys.nvme(DiskBackendConfig::File {
+        path: PathBuf::from(path),
+        direct: keys.direct,
+    })
+}
+
+/// A `--nvmes` group: its count, the controller every member copies, and where the members'
+/// image files are (None for null backends).
+fn parse_nvme_group(list: &str) -> Result<(usize, NvmeConfig, Option<GroupImages>), ConfigError> {
+    const OPT: &str = "--nvmes";
+    let keys = read_disk_keys(OPT, list, true)?;
+    let count = keys
+        .count
+        .ok_or_else(|| bad_value(OPT, "count", "", "a group needs count=N"))?;
+    if let Some(null) = keys.null_backend()? {
+        return Ok((count, keys.nvme(null)?, None));
+    }
+    let images = group_images(&keys, list)?;
+    let template = keys.nvme(DiskBackendConfig::File {
+        path: PathBuf::new(),
+        direct: keys.direct,
+    })?;
+    Ok((count, template, Some(images)))
 }
 
 /// Parses `4096`, `64K`, `512M`, `2G` or `1T` (binary units) into bytes.
@@ -993,5 +1175,148 @@ mod tests {
     fn help_and_version() {
         assert_eq!(parse(&["--help"]), Ok(Command::Help));
         assert_eq!(parse(&["--kernel", "/k", "-V"]), Ok(Command::Version));
+    }
+
+    fn nvmes_of(args: &[&str]) -> Vec<NvmeConfig> {
+        let mut line = vec!["--kernel", "/k"];
+        line.extend_from_slice(args);
+        run(&line).nvmes
+    }
+
+    #[test]
+    fn nvme_controllers_with_defaults_and_every_key() {
+        let nvmes = nvmes_of(&[
+            "--nvme",
+            "backend=null,size=1G",
+            "--nvme",
+            "path=/img,direct=on,readonly,max_ioqpairs=32,queue_size=64,msix_vectors=5,mdts=0,serial=SN-1",
+            "--nvme=backend=null,size=64M,namespaces=4,latency_us=100",
+        ]);
+        assert_eq!(nvmes.len(), 3);
+        assert_eq!(
+            nvmes[0],
+            NvmeConfig {
+                backend: DiskBackendConfig::Null {
+                    size_bytes: 1 << 30,
+                    latency_us: 0
+                },
+                read_only: false,
+                namespaces: 1,
+                max_io_queue_pairs: 8,
+                queue_size: 1024,
+                msix_vectors: 9,
+                mdts: 7,
+                serial: None,
+            }
+        );
+        assert_eq!(
+            nvmes[1].backend,
+            DiskBackendConfig::File {
+                path: "/img".into(),
+                direct: true
+            }
+        );
+        assert!(nvmes[1].read_only);
+        assert_eq!(
+            (
+                nvmes[1].max_io_queue_pairs,
+                nvmes[1].queue_size,
+                nvmes[1].msix_vectors,
+                nvmes[1].mdts
+            ),
+            (32, 64, 5, 0)
+        );
+        assert_eq!(nvmes[1].serial.as_deref(), Some("SN-1"));
+        assert_eq!(nvmes[2].namespaces, 4);
+        // Controllers and virtio disks are counted apart.
+        assert!(disks_of(&["--nvme", "backend=null,size=1G"]).is_empty());
+    }
+
+    #[test]
+    fn nvme_groups_expand_like_disk_groups() {
+        let nvmes = nvmes_of(&["--nvmes", "count=3,path=/images/n%d.raw,max_ioqpairs=2"]);
+        let paths: Vec<_> = nvmes
+            .iter()
+            .map(|n| match &n.backend {
+                DiskBackendConfig::File { path, .. } => path.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            ["/images/n0.raw", "/images/n1.raw", "/images/n2.raw"].map(std::path::PathBuf::from)
+        );
+        assert!(nvmes
+            .iter()
+            .all(|n| n.max_io_queue_pairs == 2 && n.msix_vectors == 3));
+        assert_eq!(
+            nvmes_of(&["--nvmes", "count=100,backend=null,size=1G"]).len(),
+            100
+        );
+    }
+
+    #[test]
+    fn bad_nvme_options_are_refused_with_the_reason() {
+        for (args, expected) in [
+            (
+                &["--nvme", "backend=null,size=1G,num_queues=2"][..],
+                "unknown key \"num_queues\"",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,intx=on"],
+                "unknown key \"intx\"",
+            ),
+            (
+                &["--disk", "backend=null,size=1G,namespaces=2"],
+                "unknown key \"namespaces\"",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,max_ioqpairs=0"],
+                "max_ioqpairs=\"0\"",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,max_ioqpairs=1025"],
+                "max_ioqpairs",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,queue_size=1"],
+                "queue_size",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,queue_size=65537"],
+                "queue_size",
+            ),
+            (&["--nvme", "backend=null,size=1G,mdts=16"], "mdts"),
+            (
+                &["--nvme", "backend=null,size=1G,namespaces=0"],
+                "namespaces",
+            ),
+            (
+                &[
+                    "--nvme",
+                    "backend=null,size=1G,serial=a-serial-much-too-long",
+                ],
+                "serial",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,serial=with space"],
+                "serial",
+            ),
+            (
+                &["--nvme", "backend=null,size=1G,msix_vectors=0"],
+                "msix_vectors=\"0\" is not valid: expected 1..=2048",
+            ),
+            (
+                &["--nvme", "path=/img,namespaces=2"],
+                "several need backend=null",
+            ),
+            (&["--nvme", "backend=null"], "needs size="),
+            (&["--nvmes", "backend=null,size=1G"], "count=N"),
+            (&["--nvmes", "count=2,path=/no-placeholder.img"], "one %d"),
+        ] {
+            let error = error_of(args);
+            assert!(error.contains(expected), "{args:?}: {error}");
+            assert!(error.starts_with(args[0]), "{args:?}: {error}");
+        }
     }
 }

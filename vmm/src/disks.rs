@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
+use devices::nvme::{ControllerConfig, NamespaceConfig};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use irq::intx::IntxResamplerHandle;
 
-use crate::config::{DiskBackendConfig, DiskConfig};
-use crate::pci::{PciError, PciSegment, VirtioFunction};
+use crate::config::{DiskBackendConfig, DiskConfig, NvmeConfig};
+use crate::pci::{NvmeFunction, PciError, PciSegment, VirtioFunction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -32,6 +33,18 @@ pub enum DiskError {
     NoInterrupt { index: usize },
     #[error("INTx resampler: {0}")]
     IntxResampler(#[source] PciError),
+    #[error("NVMe controller {index}: {source}")]
+    NvmeBackend {
+        index: usize,
+        #[source]
+        source: BackendError,
+    },
+    #[error("NVMe controller {index}: {source}")]
+    NvmePci {
+        index: usize,
+        #[source]
+        source: PciError,
+    },
     #[error("disk {index}: {source}")]
     Pci {
         index: usize,
@@ -46,9 +59,13 @@ pub fn default_io_threads() -> usize {
 }
 
 fn open_backend(disk: &DiskConfig) -> Result<BlockBackend, BackendError> {
-    match &disk.backend {
+    open(&disk.backend, disk.read_only)
+}
+
+fn open(backend: &DiskBackendConfig, read_only: bool) -> Result<BlockBackend, BackendError> {
+    match backend {
         DiskBackendConfig::File { path, direct } => {
-            BlockBackend::open_raw_file(path, *direct, disk.read_only)
+            BlockBackend::open_raw_file(path, *direct, read_only)
         }
         DiskBackendConfig::Null {
             size_bytes,
@@ -65,13 +82,51 @@ pub struct Disks {
     pub pool: Arc<IoPool>,
     /// One per disk of `--disk` and `--disks`, in command-line order.
     pub functions: Vec<VirtioFunction>,
+    /// One per controller of `--nvme` and `--nvmes`, in command-line order, placed after
+    /// the virtio disks.
+    pub nvme_functions: Vec<NvmeFunction>,
     /// The thread re-asserting INTx lines at EOI, when a disk has INTx.
     pub intx_resampler: Option<IntxResamplerHandle>,
+}
+
+/// The controller `nvme` describes: the `index`th of the VM, its namespaces backed by one
+/// file or, with the null backend, one null disk of `size` each.
+fn nvme_controller_config(
+    index: usize,
+    nvme: &NvmeConfig,
+) -> Result<ControllerConfig, BackendError> {
+    let seed = (index as u64) << 16;
+    let namespaces = match &nvme.backend {
+        DiskBackendConfig::File { .. } => {
+            let backend = Arc::new(open(&nvme.backend, nvme.read_only)?);
+            vec![NamespaceConfig::with_seed(backend, seed + 1)]
+        }
+        DiskBackendConfig::Null { .. } => (1..=u64::from(nvme.namespaces))
+            .map(|nsid| {
+                open(&nvme.backend, nvme.read_only)
+                    .map(|backend| NamespaceConfig::with_seed(Arc::new(backend), seed + nsid))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(ControllerConfig {
+        max_queue_entries: nvme.queue_size,
+        max_io_queue_pairs: nvme.max_io_queue_pairs,
+        interrupt_vectors: nvme.msix_vectors,
+        mdts: nvme.mdts,
+        serial: nvme
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("blkswarm-nvme-{index}")),
+        controller_id: 0,
+        namespaces,
+        ..ControllerConfig::default()
+    })
 }
 
 /// Creates every disk on `pci`. Linear in the number of disks: each is opened and placed once.
 pub fn create_disks(
     disks: &[DiskConfig],
+    nvmes: &[NvmeConfig],
     io_threads: usize,
     pci: &mut PciSegment,
 ) -> Result<Disks, DiskError> {
@@ -102,12 +157,22 @@ pub fn create_disks(
             .map_err(|source| DiskError::Pci { index, source })?;
         functions.push(function);
     }
+    let mut nvme_functions = Vec::with_capacity(nvmes.len());
+    for (index, nvme) in nvmes.iter().enumerate() {
+        let config = nvme_controller_config(index, nvme)
+            .map_err(|source| DiskError::NvmeBackend { index, source })?;
+        let function = pci
+            .add_nvme(config, nvme.msix_vectors, pool.clone())
+            .map_err(|source| DiskError::NvmePci { index, source })?;
+        nvme_functions.push(function);
+    }
     let intx_resampler = pci
         .start_intx_resampler()
         .map_err(DiskError::IntxResampler)?;
     Ok(Disks {
         pool,
         functions,
+        nvme_functions,
         intx_resampler,
     })
 }

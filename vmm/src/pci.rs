@@ -6,6 +6,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use devices::io::IoPool;
+use devices::nvme::pci::{NvmeBarLayout, NvmePciError, NvmePciFunction};
+use devices::nvme::ControllerConfig;
 use devices::pci::root::{BarMove, MmioRange, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use devices::pci::PciAddress;
 use devices::virtio::pci::{Bar0Layout, VirtioPciDevice, NOTIFY_OFFSET, VIRTIO_PCI_BAR};
@@ -31,6 +34,8 @@ pub enum PciError {
     BusesFull { max: u64 },
     #[error("virtio-pci: {0}")]
     Transport(#[from] devices::virtio::pci::VirtioPciError),
+    #[error("NVMe PCI function: {0}")]
+    Nvme(#[from] NvmePciError),
     #[error("MSI-X vector: {0}")]
     Vector(std::io::Error),
     #[error("INTx line on GSI {gsi}: {source}")]
@@ -48,6 +53,13 @@ pub enum PciError {
 }
 
 /// A virtio function on the segment, kept by the VMM for its host-side view.
+/// An NVMe controller's PCI function.
+#[derive(Clone)]
+pub struct NvmeFunction {
+    pub address: PciAddress,
+    pub function: Arc<Mutex<NvmePciFunction>>,
+}
+
 #[derive(Clone)]
 pub struct VirtioFunction {
     pub address: PciAddress,
@@ -270,6 +282,31 @@ impl PciSegment {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(address, events);
         Ok(VirtioFunction { address, transport })
+    }
+
+    /// Adds an NVMe controller configured as `config` with `vectors` MSI-X vectors, its I/O
+    /// queues served by `pool`, in the order [`root_buses_for`] assumes.
+    pub fn add_nvme(
+        &mut self,
+        mut config: ControllerConfig,
+        vectors: u16,
+        pool: Arc<IoPool>,
+    ) -> Result<NvmeFunction, PciError> {
+        config.interrupt_vectors = vectors;
+        let layout = NvmeBarLayout::for_config(&config);
+        let (address, bar0) = self.allocate(layout.size)?;
+        let msix_vectors = (0..vectors)
+            .map(|_| {
+                self.router
+                    .new_vector()
+                    .map(|v| Arc::new(v) as Arc<dyn MsiVector>)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(PciError::Vector)?;
+        let function = NvmePciFunction::new(config, self.memory.clone(), pool, msix_vectors, bar0)?;
+        let function = Arc::new(Mutex::new(function));
+        self.root.add_device_at(address, function.clone())?;
+        Ok(NvmeFunction { address, function })
     }
 }
 

@@ -20,7 +20,7 @@ use devices::pci::PciAddress;
 use devices::virtio::pci::{STATUS_DRIVER_OK, VIRTIO_MSI_NO_VECTOR};
 use irq::msix::MsixSnapshot;
 
-use crate::pci::VirtioFunction;
+use crate::pci::{NvmeFunction, VirtioFunction};
 use crate::vcpu::VcpuActivity;
 
 /// How often the monitor looks at every disk while the guest probes them.
@@ -614,6 +614,66 @@ fn report_stall(
             );
         }
     }
+}
+
+/// Per NVMe controller one `@@vmm nvme` line (ready, MSI-X, interrupts injected, live I/O
+/// queues) and per I/O SQ id it ever had one `@@vmm nvme_queue` line with what it carried
+/// (deleted queues included: a guest deletes them at shutdown), e.g. to see which of S2's
+/// queues the online CPUs used.
+pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io::Result<()> {
+    for function in functions {
+        let (ready, live_queues, history, counters, msix) = {
+            let guard = lock(&function.function);
+            let controller = guard.controller();
+            (
+                controller.is_ready(),
+                controller.io_queue_stats().len(),
+                controller.io_queue_history(),
+                controller.counters(),
+                guard.msix().snapshot(),
+            )
+        };
+        writeln!(
+            out,
+            "@@vmm nvme pci={} ready={} io_queues_live={} io_queues_ever={} msix_enabled={} \
+             injected={} admin_commands={} invalid_doorbells={} fatal_errors={}",
+            function.address,
+            u8::from(ready),
+            live_queues,
+            history.len(),
+            u8::from(msix.enabled),
+            msix.counters.injected,
+            counters.admin_commands,
+            counters.invalid_doorbell_registers + counters.invalid_doorbell_values,
+            counters.fatal_errors
+        )?;
+        for queue in history {
+            writeln!(
+                out,
+                "@@vmm nvme_queue pci={} sq={} cq={} vector={} worker={} commands={} \
+                 read_bytes={} written_bytes={} errors={} cq_full={}",
+                function.address,
+                queue.sq_id,
+                queue.cq_id,
+                queue
+                    .vector
+                    .map_or_else(|| "-".to_string(), |v| v.to_string()),
+                queue.worker,
+                queue.commands,
+                queue.bytes_read,
+                queue.bytes_written,
+                queue.errors,
+                queue.completion_queue_full
+            )?;
+        }
+    }
+    out.flush()
+}
+
+/// The NVMe report on stderr; call once the guest has stopped.
+pub fn print_nvme_report(functions: &[NvmeFunction]) {
+    // A report that cannot be written is no reason to fail the run.
+    let _ = write_nvme_report(functions, &mut BufWriter::new(io::stderr().lock()));
 }
 
 /// The stall report's lines (vCPU states, queues with requests in flight) on stderr, for a

@@ -217,7 +217,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
             pci: PciHostBridge {
                 ecam_base: layout::PCI_ECAM_START,
                 last_bus: (layout::PCI_ECAM_BUSES - 1) as u8,
-                root_buses: pci::root_buses_for(config.disks.len()),
+                root_buses: pci::root_buses_for(config.disks.len() + config.nvmes.len()),
                 mmio32: (
                     layout::PCI_MMIO32_START as u32,
                     layout::PCI_MMIO32_SIZE as u32,
@@ -264,7 +264,16 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let mut pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
     let io_threads = config.io_threads.unwrap_or_else(disks::default_io_threads);
     // Kept alive until the process exits: the pool's workers serve every queue.
-    let disks = disks::create_disks(&config.disks, io_threads, &mut pci)?;
+    let disks = disks::create_disks(&config.disks, &config.nvmes, io_threads, &mut pci)?;
+    if let (Some(first), Some(last)) = (disks.nvme_functions.first(), disks.nvme_functions.last()) {
+        eprintln!(
+            "@@vmm nvmes count={} io_threads={} first_pci={} last_pci={}",
+            disks.nvme_functions.len(),
+            disks.pool.worker_count(),
+            first.address,
+            last.address
+        );
+    }
     if let (Some(first), Some(last)) = (disks.functions.first(), disks.functions.last()) {
         eprintln!(
             "@@vmm disks count={} io_threads={} first_pci={} last_pci={}",
@@ -340,6 +349,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         report::print_hang_report(&disks.functions, &activity);
     }
     report::print_closing_report(&disks.functions, &probe_history);
+    report::print_nvme_report(&disks.nvme_functions);
     // A notifier poll that failed leaves its queue deaf: the first thing to check when a
     // guest's I/O hangs.
     for (worker, stats) in disks.pool.stats().iter().enumerate() {
