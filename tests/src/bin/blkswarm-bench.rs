@@ -1,5 +1,5 @@
 //! blkswarm vs QEMU: the same test guest and the same fio job on one null-backed
-//! virtio-blk disk, run side by side in ONE lab boot (or directly on a host with
+//! virtio-blk disk or NVMe controller (`--device nvme`), run side by side in ONE lab boot (or directly on a host with
 //! VMX/SVM), then a table of IOPS and completion latency with the blkswarm/QEMU ratios.
 //!
 //! Numbers measured in the lab are inflated by TCG: only the ratios mean something, and
@@ -28,11 +28,14 @@ usage: blkswarm-bench [options]
   --rw MODE            fio rw (default randread)
   --bs SIZE            fio block size (default 4k)
   --ioengine E         libaio | io_uring (default libaio)
-  --cpus N             guest vCPUs (default 2); QEMU's virtio-blk gets N queues
+  --device D           virtio-blk (default) | nvme: the disk both VMMs give the guest
+  --cpus N             guest vCPUs (default 2); the disk gets N queues (NVMe: I/O
+                       queue pairs) on both VMMs
   --memory MIB         guest memory (default 1024)
   --disk-size SIZE     null disk size for both VMMs, QEMU syntax (default 1G)
-  --blkswarm-args STR  blkswarm's disk arguments, whitespace-separated
-                       (default: \"--disk backend=null,size=<disk-size>\")
+  --blkswarm-args STR  blkswarm's disk arguments, whitespace-separated (default:
+                       \"--disk backend=null,size=<disk-size>,num_queues=<cpus>\", or
+                       \"--nvme backend=null,size=<disk-size>,max_ioqpairs=<cpus>\")
   --skip-blkswarm      run QEMU only
   --skip-qemu          run blkswarm only
   --lab-memory MIB     L1 memory in lab mode (default 3072)
@@ -60,8 +63,33 @@ const QEMU_FIRMWARE_FILES: [&str; 3] = ["qboot.rom", "linuxboot_dma.bin", "kvmva
 /// result lines, power-off, with a wide margin for a slow lab.
 const GUEST_OVERHEAD: Duration = Duration::from_secs(150);
 
+/// The disk model both VMMs give the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    VirtioBlk,
+    Nvme,
+}
+
+impl Device {
+    fn name(self) -> &'static str {
+        match self {
+            Device::VirtioBlk => "virtio-blk",
+            Device::Nvme => "nvme",
+        }
+    }
+
+    /// The block device the guest's fio runs on.
+    fn guest_disk(self) -> &'static str {
+        match self {
+            Device::VirtioBlk => "vda",
+            Device::Nvme => "nvme0n1",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 struct Cli {
+    device: Device,
     runtime_s: u64,
     qds: Vec<u32>,
     rw: String,
@@ -80,6 +108,7 @@ struct Cli {
 impl Default for Cli {
     fn default() -> Cli {
         Cli {
+            device: Device::VirtioBlk,
             runtime_s: 5,
             qds: vec![1, 32],
             rw: "randread".into(),
@@ -138,6 +167,15 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
         };
         match flag {
             "-h" | "--help" => return Ok(None),
+            "--device" => {
+                cli.device = match value()?.as_str() {
+                    "virtio-blk" => Device::VirtioBlk,
+                    "nvme" => Device::Nvme,
+                    other => {
+                        return Err(format!("--device {other:?}: expected virtio-blk or nvme"))
+                    }
+                }
+            }
             "--runtime" => cli.runtime_s = parse_num(flag, &value()?)?,
             "--qd" => {
                 cli.qds = value()?
@@ -267,19 +305,35 @@ impl Cli {
             .memory_mib(self.memory_mib)
             .cmdline(&format!(
                 "blkswarm.rw={} blkswarm.bs={} blkswarm.iodepth={qd} blkswarm.numjobs=1 \
-                 blkswarm.runtime={} blkswarm.ioengine={} blkswarm.direct=1",
-                self.rw, self.bs, self.runtime_s, self.ioengine
+                 blkswarm.runtime={} blkswarm.ioengine={} blkswarm.direct=1 blkswarm.disk={}",
+                self.rw,
+                self.bs,
+                self.runtime_s,
+                self.ioengine,
+                self.device.guest_disk()
             ))
             .timeout(Duration::from_secs(self.runtime_s) + GUEST_OVERHEAD)
     }
 
     fn blkswarm_disk_args(&self) -> Vec<String> {
-        self.blkswarm_args.clone().unwrap_or_else(|| {
-            vec![
-                "--disk".into(),
-                format!("backend=null,size={}", self.disk_size),
-            ]
-        })
+        self.blkswarm_args
+            .clone()
+            .unwrap_or_else(|| match self.device {
+                Device::VirtioBlk => vec![
+                    "--disk".into(),
+                    format!(
+                        "backend=null,size={},num_queues={}",
+                        self.disk_size, self.cpus
+                    ),
+                ],
+                Device::Nvme => vec![
+                    "--nvme".into(),
+                    format!(
+                        "backend=null,size={},max_ioqpairs={}",
+                        self.disk_size, self.cpus
+                    ),
+                ],
+            })
     }
 
     fn blkswarm_spec(&self, qd: u32) -> GuestSpec {
@@ -289,14 +343,19 @@ impl Cli {
     }
 
     /// QEMU with qboot and direct kernel boot, one null-co virtio-blk-pci disk with a
-    /// queue per vCPU (QEMU's default, spelled out).
+    /// queue per vCPU (QEMU's default, spelled out), or one NVMe controller with an I/O
+    /// queue pair per vCPU.
     fn qemu_spec(&self, qd: u32, p: &QemuPaths) -> GuestSpec {
         let guest = self.guest(format!("qemu-qd{qd}"), qd);
+        let device = match self.device {
+            Device::VirtioBlk => format!("virtio-blk-pci,drive=d0,num-queues={}", self.cpus),
+            Device::Nvme => format!("nvme,drive=d0,serial=bench,max_ioqpairs={}", self.cpus),
+        };
         let disks = [
             "-drive".to_string(),
             format!("driver=null-co,size={},if=none,id=d0", self.disk_size),
             "-device".to_string(),
-            format!("virtio-blk-pci,drive=d0,num-queues={}", self.cpus),
+            device,
         ];
         let argv = qemu_argv(p, self.cpus, self.memory_mib, &guest, &disks);
         guest.custom_command(argv)
@@ -482,17 +541,19 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
     for r in rows {
         match &r.result {
             Ok((iops, p50, p99, p999)) => s.push_str(&format!(
-                "@@bench vmm={} qd={} rw={} bs={} ioengine={} iops={iops:.0} clat_p50_us={p50:.1} \
-                 clat_p99_us={p99:.1} clat_p999_us={p999:.1}\n",
+                "@@bench vmm={} device={} qd={} rw={} bs={} ioengine={} iops={iops:.0} \
+                 clat_p50_us={p50:.1} clat_p99_us={p99:.1} clat_p999_us={p999:.1}\n",
                 r.vmm.name(),
+                cli.device.name(),
                 r.qd,
                 cli.rw,
                 cli.bs,
                 cli.ioengine
             )),
             Err(_) => s.push_str(&format!(
-                "@@bench vmm={} qd={} failed\n",
+                "@@bench vmm={} device={} qd={} failed\n",
                 r.vmm.name(),
+                cli.device.name(),
                 r.qd
             )),
         }
@@ -616,12 +677,13 @@ fn run(cli: &Cli) -> Result<bool, String> {
         }
     }
     println!(
-        "\n== blkswarm-bench: {} {} {}, direct=1, {} s per job, {} vCPUs, 1 null virtio-blk disk ({})",
+        "\n== blkswarm-bench: {} {} {}, direct=1, {} s per job, {} vCPUs, 1 null {} disk ({})",
         cli.rw,
         cli.bs,
         cli.ioengine,
         cli.runtime_s,
         cli.cpus,
+        cli.device.name(),
         cli.disk_size
     );
     println!("mode: {} ({})", runner.mode(), runner.why());
@@ -914,10 +976,14 @@ mod tests {
         assert_eq!(cli.qds, [1, 8, 32]);
         assert!(cli.skip_blkswarm);
         assert_eq!(cli.blkswarm_disk_args(), ["--disk", "null,size=2G", "--x"]);
+        // As many queues as QEMU's disk gets: one per vCPU.
         assert_eq!(
             Cli::default().blkswarm_disk_args(),
-            ["--disk", "backend=null,size=1G"]
+            ["--disk", "backend=null,size=1G,num_queues=2"]
         );
+        let nvme = parse_args(&args(&["--device", "nvme"])).unwrap().unwrap();
+        assert_eq!(nvme.device, Device::Nvme);
+        assert!(parse_args(&args(&["--device", "scsi"])).is_err());
         assert!(parse_args(&args(&["--qd", "0"])).is_err());
         assert!(parse_args(&args(&["--rw", "rand read"])).is_err());
         assert!(parse_args(&args(&["--skip-qemu", "--skip-blkswarm"])).is_err());
@@ -1012,9 +1078,28 @@ mod tests {
         assert!(b.kernel_cmdline().contains("blkswarm.scenario=fio"));
         assert!(argv.contains(&"driver=null-co,size=1G,if=none,id=d0".to_string()));
         let bargv = b.argv("/lab/blkswarm", "/k", "/i");
-        assert!(bargv.ends_with(&["--disk".to_string(), "backend=null,size=1G".to_string()]));
+        assert!(bargv.ends_with(&[
+            "--disk".to_string(),
+            "backend=null,size=1G,num_queues=2".to_string()
+        ]));
+        assert!(b.kernel_cmdline().contains("blkswarm.disk=vda"));
         assert!(bargv.contains(&"boot=2,max=2".to_string()));
         assert_eq!(q.timeout, b.timeout);
+        // NVMe: both VMMs give the guest an NVMe controller with a queue pair per vCPU.
+        let nvme = Cli {
+            device: Device::Nvme,
+            ..Cli::default()
+        };
+        let nvme_qemu = nvme.qemu_spec(1, &p).command.unwrap();
+        assert!(nvme_qemu.contains(&"nvme,drive=d0,serial=bench,max_ioqpairs=2".to_string()));
+        let nvme_blkswarm = nvme.blkswarm_spec(1);
+        assert!(nvme_blkswarm.argv("/lab/blkswarm", "/k", "/i").ends_with(&[
+            "--nvme".to_string(),
+            "backend=null,size=1G,max_ioqpairs=2".to_string()
+        ]));
+        assert!(nvme_blkswarm
+            .kernel_cmdline()
+            .contains("blkswarm.disk=nvme0n1"));
     }
 
     #[test]
@@ -1052,8 +1137,10 @@ mod tests {
         let text = report(&Cli::default(), &[q, b, failed]);
         assert!(text.contains("b/q          1       2.00"), "{text}");
         assert!(text.contains("blkswarm    32     FAILED"), "{text}");
-        assert!(text.contains("@@bench vmm=qemu qd=1 rw=randread bs=4k ioengine=libaio iops=473 "));
-        assert!(text.contains("@@bench vmm=blkswarm qd=32 failed"));
+        assert!(text.contains(
+            "@@bench vmm=qemu device=virtio-blk qd=1 rw=randread bs=4k ioengine=libaio iops=473 "
+        ));
+        assert!(text.contains("@@bench vmm=blkswarm device=virtio-blk qd=32 failed"));
         assert_eq!(direction("randrw"), "read");
         assert_eq!(direction("randwrite"), "write");
     }

@@ -1,0 +1,142 @@
+//! NVMe guest tests: a real Linux guest's nvme driver and nvme-cli drive blkswarm's NVMe
+//! controller over PCI with MSI-X, its I/O queues served by the io_uring worker pool. All
+//! guests of this file share one run (in the lab: one L1 boot).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use harness::{GuestOutcome, GuestSpec, Mode, Runner};
+
+fn image_dir(mode: Mode) -> String {
+    match mode {
+        Mode::Lab => "/tmp/blkswarm-nvme-images".to_string(),
+        Mode::Direct => std::env::temp_dir()
+            .join(format!("blkswarm-nvme-{}", std::process::id()))
+            .display()
+            .to_string(),
+    }
+}
+
+fn specs(mode: Mode) -> Vec<GuestSpec> {
+    let dir = image_dir(mode);
+    let image = format!("{dir}/fio.img");
+    let make_image = format!(
+        "mkdir -p '{dir}' && truncate -s 64M '{image}' && echo '@@guest image={image}' && \
+         echo '@@guest done'"
+    );
+    vec![
+        // fio with crc32c verification through the nvme driver onto a raw image file.
+        GuestSpec::new("make_fio_image", "boot").custom_command(["sh", "-c", &make_image]),
+        GuestSpec::new("nvme_fio_verify", "fio")
+            .cpus(2, 2)
+            .timeout(Duration::from_secs(240))
+            .cmdline(
+                "blkswarm.disk=nvme0n1 blkswarm.rw=randwrite blkswarm.bs=4k blkswarm.iodepth=8 \
+                 blkswarm.numjobs=2 blkswarm.size=4M blkswarm.verify=crc32c \
+                 blkswarm.ioengine=libaio blkswarm.direct=1",
+            )
+            .arg("--nvme")
+            .arg(format!("path={image},max_ioqpairs=2")),
+        // S2: 2 present of 32 possible vCPUs, 32 I/O queue pairs offered.
+        GuestSpec::new("s2_queues", "disk-info")
+            .cpus(2, 32)
+            .timeout(Duration::from_secs(150))
+            .cmdline("blkswarm.expect=1")
+            .arg("--nvme")
+            .arg("backend=null,size=1G,max_ioqpairs=32"),
+        // 100 controllers in one guest.
+        GuestSpec::new("hundred_controllers", "disks")
+            .cpus(2, 2)
+            .timeout(Duration::from_secs(300))
+            .cmdline("blkswarm.expect=100")
+            .arg("--nvmes")
+            .arg("count=100,backend=null,size=64M,max_ioqpairs=1"),
+    ]
+}
+
+fn run_all() -> Result<Vec<GuestOutcome>, String> {
+    let runner = Runner::detect().map_err(|e| e.to_string())?;
+    let (outcomes, _lab) = runner
+        .run(&specs(runner.mode()))
+        .map_err(|e| e.to_string())?;
+    Ok(outcomes)
+}
+
+fn clean(name: &str) -> &'static GuestOutcome {
+    static RUN: OnceLock<Result<Vec<GuestOutcome>, String>> = OnceLock::new();
+    let outcomes = match RUN.get_or_init(run_all) {
+        Ok(outcomes) => outcomes,
+        Err(e) => panic!("{e}"),
+    };
+    let outcome = outcomes
+        .iter()
+        .find(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no outcome for {name}"));
+    if let Err(e) = outcome.expect_clean() {
+        panic!("{e}");
+    }
+    outcome
+}
+
+/// `key=value` words of a line.
+fn words(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+fn expect(o: &GuestOutcome, key: &str, value: &str) {
+    assert_eq!(o.get(key), Some(value), "{key}\n{}", o.describe_tail());
+}
+
+/// The host's per-queue lines: `@@vmm nvme_queue pci=... sq=N ... commands=C`.
+fn host_queue_commands(o: &GuestOutcome) -> BTreeMap<u16, u64> {
+    o.console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("@@vmm nvme_queue "))
+        .map(words)
+        .filter_map(|w| Some((w.get("sq")?.parse().ok()?, w.get("commands")?.parse().ok()?)))
+        .collect()
+}
+
+#[test]
+fn fio_verify_is_clean_on_nvme() {
+    clean("make_fio_image");
+    let o = clean("nvme_fio_verify");
+    expect(o, "fio_rc", "0");
+    expect(o, "fio_verify", "ok");
+    expect(o, "fio_errors", "0");
+}
+
+#[test]
+fn s2_two_present_of_32_possible_cpus_get_32_queues_and_the_host_sees_which_carried_io() {
+    let o = clean("s2_queues");
+    // Linux sizes its I/O queues by possible CPUs, not present ones: 32 hardware queues,
+    // 33 vectors (admin + one per I/O queue).
+    let line = o.get("disk").expect("a disk line");
+    assert!(line.starts_with("nvme0n1 "), "{line}");
+    let disk = words(line);
+    assert_eq!(disk.get("mq"), Some(&"32"), "{line}");
+    assert_eq!(disk.get("vectors"), Some(&"33"), "{line}");
+    let host = host_queue_commands(o);
+    assert_eq!(
+        host.len(),
+        32,
+        "host queue lines: {host:?}\n{}",
+        o.describe_tail()
+    );
+    let busy: Vec<u16> = host
+        .iter()
+        .filter(|(_, &commands)| commands > 0)
+        .map(|(&sq, _)| sq)
+        .collect();
+    // Only queues mapped to the two online CPUs can carry I/O.
+    assert!(!busy.is_empty() && busy.len() <= 2, "busy queues {busy:?}");
+}
+
+#[test]
+fn a_hundred_controllers_in_one_guest() {
+    let o = clean("hundred_controllers");
+    expect(o, "disks", "100");
+}
