@@ -238,6 +238,30 @@ struct ActivitySlot {
     /// State index in the top byte, microseconds since the epoch below.
     state_and_since: AtomicU64,
     address: AtomicU64,
+    /// The vCPU thread's pthread_t, once it runs (0 before), for kicks.
+    thread: AtomicU64,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing; KVM_RUN
+/// returns EINTR and the thread enters again).
+pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+extern "C" fn ignore_kick(_signal: libc::c_int) {}
+
+/// Installs the kick signal's handler (without SA_RESTART, so KVM_RUN returns EINTR). Call
+/// once before the vCPU threads start.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid argument;
+    // the handler is async-signal-safe (it does nothing).
+    unsafe {
+        let mut action = std::mem::zeroed::<libc::sigaction>();
+        action.sa_sigaction = ignore_kick as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Every vCPU's current state and since when, written by the vCPU threads (two relaxed
@@ -264,6 +288,39 @@ impl VcpuActivity {
             epoch: Instant::now(),
             slots: (0..vcpus).map(|_| ActivitySlot::default()).collect(),
         }
+    }
+
+    /// Records the calling thread as vCPU `vcpu`'s, so it can be kicked.
+    pub fn register_thread(&self, vcpu: usize) {
+        if let Some(slot) = self.slots.get(vcpu) {
+            // SAFETY: pthread_self has no preconditions.
+            let thread = unsafe { libc::pthread_self() };
+            slot.thread.store(thread as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Kicks every vCPU that has been inside KVM_RUN for at least `after` out of it (it
+    /// enters again at once). Returns how many were kicked.
+    ///
+    /// Why: in the lab (KVM nested on QEMU TCG), a halted L2 vCPU sometimes misses its timer
+    /// wake-up for good (guests hung with every vCPU in KVM_RUN for minutes, RCU reporting
+    /// "timer wakeup didn't happen"). Entering KVM_RUN again makes KVM look at the expired
+    /// timer. On real hardware this costs one exit per idle vCPU per period.
+    pub fn kick_idle(&self, after: Duration) -> usize {
+        let mut kicked = 0;
+        for (vcpu, slot) in self.snapshot().iter().zip(self.slots.iter()) {
+            let thread = slot.thread.load(Ordering::Relaxed);
+            if vcpu.state != VcpuState::InKvmRun || vcpu.for_duration < after || thread == 0 {
+                continue;
+            }
+            // SAFETY: `thread` is a vCPU thread's pthread_t, recorded by itself; vCPU
+            // threads live until the process exits, and the kick signal's handler is
+            // installed before they start.
+            if unsafe { libc::pthread_kill(thread as libc::pthread_t, KICK_SIGNAL) } == 0 {
+                kicked += 1;
+            }
+        }
+        kicked
     }
 
     pub fn set(&self, vcpu: usize, state: VcpuState, address: u64) {
@@ -315,6 +372,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         eprintln!("@@vmm first_run_us={}", launched.elapsed().as_micros());
     }
     let vcpu_index = ctx.index as usize;
+    ctx.activity.register_thread(vcpu_index);
     let activity = |state, address| ctx.activity.set(vcpu_index, state, address);
     let exit = loop {
         activity(VcpuState::InKvmRun, 0);

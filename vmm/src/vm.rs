@@ -181,6 +181,26 @@ fn spawn_signal_waiter(exits: mpsc::Sender<VmExit>) -> std::io::Result<()> {
         .map(|_| ())
 }
 
+/// A vCPU inside KVM_RUN this long is kicked out and enters again (see
+/// [`VcpuActivity::kick_idle`]).
+const IDLE_KICK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The thread that kicks vCPUs idle in KVM_RUN; returns the kick counter.
+fn spawn_vcpu_watchdog(
+    activity: Arc<VcpuActivity>,
+) -> std::io::Result<Arc<std::sync::atomic::AtomicU64>> {
+    let kicks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = kicks.clone();
+    std::thread::Builder::new()
+        .name("vcpu-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(IDLE_KICK_AFTER / 2);
+            let kicked = activity.kick_idle(IDLE_KICK_AFTER);
+            counter.fetch_add(kicked as u64, std::sync::atomic::Ordering::Relaxed);
+        })?;
+    Ok(kicks)
+}
+
 /// Boots the guest described by `config` and returns once it stops.
 pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     block_stop_signals();
@@ -316,6 +336,8 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         return Ok(VmExit::DryRun);
     }
     let activity = Arc::new(VcpuActivity::new(vcpus.len()));
+    vcpu::install_kick_handler().map_err(VmError::Thread)?;
+    let kicks = spawn_vcpu_watchdog(activity.clone()).map_err(VmError::Thread)?;
     let probe_monitor = report::spawn_probe_monitor(disks.functions.clone(), activity.clone())
         .map_err(VmError::Thread)?;
     for (index, fd) in (0u32..).zip(vcpus) {
@@ -350,6 +372,11 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     }
     report::print_closing_report(&disks.functions, &probe_history);
     report::print_nvme_report(&disks.nvme_functions);
+    eprintln!(
+        "@@vmm vcpu_kicks={} (vCPUs idle in KVM_RUN for {} ms, entered again)",
+        kicks.load(std::sync::atomic::Ordering::Relaxed),
+        IDLE_KICK_AFTER.as_millis()
+    );
     // A notifier poll that failed leaves its queue deaf: the first thing to check when a
     // guest's I/O hangs.
     for (worker, stats) in disks.pool.stats().iter().enumerate() {

@@ -267,8 +267,9 @@ fn sigterm_prints_where_each_vcpu_and_disk_was_then_exits_143() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("blkswarm runs");
-    // Long enough for the vCPUs to be inside KVM_RUN; the report says for how long.
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Long enough for the vCPUs to be inside KVM_RUN and for the watchdog to kick the idle
+    // ones at least once (after 1 s in KVM_RUN).
+    std::thread::sleep(std::time::Duration::from_millis(2200));
     // SAFETY: kill only sends a signal to the child we spawned (still unreaped).
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().expect("blkswarm exits");
@@ -284,6 +285,12 @@ fn sigterm_prints_where_each_vcpu_and_disk_was_then_exits_143() {
         "{stderr}"
     );
     assert!(stderr.contains("@@vmm disks total=1 "), "{stderr}");
+    let kicks: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("@@vmm vcpu_kicks="))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no vcpu_kicks line: {stderr}"));
+    assert!(kicks >= 1, "the halted vCPUs were never kicked: {stderr}");
     assert!(
         stderr.contains("@@vmm exit reason=signal-15 code=143"),
         "{stderr}"
