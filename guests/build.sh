@@ -311,6 +311,74 @@ fio_step() {
 }
 
 # ---------------------------------------------------------------------------------
+# 2c. nvme-cli: Debian's binary and exactly the shared libraries it loads
+# ---------------------------------------------------------------------------------
+# The guest has no libc (busybox and fio are static), so the dynamic loader and the
+# library closure of /usr/sbin/nvme come along (~12 MB uncompressed, appended raw like fio).
+NVME_CLI_PACKAGES=(nvme-cli libnvme1 libjson-c5 zlib1g libc6 libssl3 libdbus-1-3 libsystemd0
+                   libcap2 libgcrypt20 liblzma5 libzstd1 liblz4-1 libgpg-error0)
+NVME_CLI="$CACHE/nvme-cli"
+LIB_DIRS=(lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu)
+
+# The library file (relative to root $1) providing soname $2.
+find_library() {
+    local d
+    for d in "${LIB_DIRS[@]}"; do
+        if [ -e "$1/$d/$2" ]; then echo "$d/$2"; return 0; fi
+    done
+    return 1
+}
+
+nvme_cli_step() {
+    local t pkg deb want queue f n lib
+    local -A seen=()
+    want=$( { for pkg in "${NVME_CLI_PACKAGES[@]}"; do basename "$(download_deb "$pkg")"; done;
+              declare -f nvme_cli_step find_library; } | sha256sum | cut -d' ' -f1)
+    if [ -f "$NVME_CLI/.complete" ] && [ "$(cat "$NVME_CLI/.stamp" 2>/dev/null)" = "$want" ]; then
+        step nvme-cli "cached (nvme-cli $(cat "$NVME_CLI/.version"), $(du -sk "$NVME_CLI" | cut -f1) KiB with libraries)"
+        return
+    fi
+    t=$(mktmp nvme-cli)
+    for pkg in "${NVME_CLI_PACKAGES[@]}"; do
+        dpkg-deb -x "$(download_deb "$pkg")" "$t/pkg"
+    done
+    mkdir -p "$t/out/usr/sbin" "$t/out/lib/x86_64-linux-gnu" "$t/out/lib64"
+    cp "$t/pkg/usr/sbin/nvme" "$t/out/usr/sbin/nvme"
+    # Breadth-first over DT_NEEDED: every library the binary loads, directly or not.
+    queue=(usr/sbin/nvme)
+    while [ ${#queue[@]} -gt 0 ]; do
+        f=${queue[0]}; queue=("${queue[@]:1}")
+        for n in $(readelf -d "$t/pkg/$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+            [ -n "${seen[$n]:-}" ] && continue
+            lib=$(find_library "$t/pkg" "$n") || die "nvme-cli needs $n, which no package in NVME_CLI_PACKAGES has"
+            seen[$n]=1
+            cp -L "$t/pkg/$lib" "$t/out/lib/x86_64-linux-gnu/$n"
+            queue+=("$lib")
+        done
+    done
+    cp -L "$t/pkg/lib64/ld-linux-x86-64.so.2" "$t/out/lib64/ld-linux-x86-64.so.2"
+    # It must run with only these files (as in the guest): no host library may fill a gap.
+    "$t/out/lib64/ld-linux-x86-64.so.2" --inhibit-cache --library-path "$t/out/lib/x86_64-linux-gnu" \
+        "$t/out/usr/sbin/nvme" version >"$t/version.txt" 2>&1 \
+        || { cat "$t/version.txt" >&2; die "the extracted nvme-cli does not run"; }
+    dpkg-deb -f "$(download_deb nvme-cli)" Version >"$t/out/.version"
+    echo "$want" >"$t/out/.stamp"
+    : >"$t/out/.complete"
+    replace_dir "$t/out" "$NVME_CLI"
+    step nvme-cli "extracted nvme-cli $(cat "$NVME_CLI/.version") with ${#seen[@]} libraries ($(du -sk "$NVME_CLI" | cut -f1) KiB)"
+}
+
+# RAW_FILES entries for nvme-cli: the binary, the loader and the libraries.
+nvme_cli_files() {
+    local f
+    echo "$NVME_CLI/usr/sbin/nvme:/usr/sbin/nvme"
+    echo "$NVME_CLI/lib64/ld-linux-x86-64.so.2:/lib64/ld-linux-x86-64.so.2"
+    for f in "$NVME_CLI"/lib/x86_64-linux-gnu/*; do
+        echo "$f:/lib/x86_64-linux-gnu/$(basename "$f")"
+    done
+}
+
+# ---------------------------------------------------------------------------------
 # 3. Initramfs images
 # ---------------------------------------------------------------------------------
 # Module files (absolute, .ko.xz) for modules $@, in load order, deduplicated.
@@ -408,8 +476,9 @@ kernel
 lab_kernel
 busybox
 fio_step
+nvme_cli_step
 EXTRA_FILES=("$GUESTS/pattern.sh:/bin/blkswarm-pattern")
-RAW_FILES=("$FIO:/usr/bin/fio")
+mapfile -t RAW_FILES < <(echo "$FIO:/usr/bin/fio"; nvme_cli_files)
 initramfs_step guest-initramfs "$GUESTS/guest-init.sh" "$CACHE/guest/initramfs.cpio.gz" "${GUEST_MODULES[@]}"
 RAW_FILES=()
 initramfs_step lab-initramfs "$GUESTS/lab-init.sh" "$CACHE/lab/l1-base.cpio.gz" "${LAB_MODULES[@]}"

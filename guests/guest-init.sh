@@ -6,7 +6,8 @@
 #
 # Kernel command line (guests/README.md has the full table):
 #   blkswarm.scenario=NAME   boot (default) | disks | disk-info | fio | pattern-write |
-#                            ro-check | probe
+#                            ro-check | probe | nvme-info (nvme-cli: id-ctrl, id-ns, list,
+#                            smart-log, get-feature -f 7, blk-mq map, vectors)
 #   blkswarm.expect=N        wait until N disks are visible (else wait for a plateau)
 #   blkswarm.timeout=S       give up waiting for disks after S seconds (default 60)
 #   blkswarm.exit=MODE       poweroff (default: `poweroff -f`) | reboot (`reboot -f`)
@@ -366,6 +367,61 @@ scenario_fio() {
     fi
 }
 
+# Value of flattened key $1 in file $2 (empty if absent).
+json_get() { awk -v k="$1" 'index($0, k "=") == 1 { print substr($0, length(k) + 2); exit }' "$2"; }
+
+# nvme_json OUT ARGS...: runs `nvme ARGS -o json`, flattens its output into OUT; a failure
+# is printed as nvme_error=..., never ignored.
+nvme_json() {
+    local f=$1 rc; shift
+    nvme "$@" -o json >"$f.json" 2>"$f.err"
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        out "nvme_error=$1 rc=$rc msg=$(first_line "$f.err")"
+        return 1
+    fi
+    flatten_json <"$f.json" >"$f"
+}
+
+# What nvme-cli and sysfs say about every NVMe controller and namespace.
+scenario_nvme_info() {
+    wait_disks
+    local c n=0 ns lbaf value
+    out "nvme_cli_version=$(nvme version 2>&1 | head -n 1)"
+    for c in /sys/class/nvme/nvme*; do
+        [ -e "$c" ] || continue
+        c=${c##*/}
+        n=$((n + 1))
+        if nvme_json /tmp/idctrl id-ctrl "/dev/$c"; then
+            out "nvme_ctrl=$c serial=$(json_get sn /tmp/idctrl | tr -d ' ') mdts=$(json_get mdts /tmp/idctrl) nn=$(json_get nn /tmp/idctrl) vwc=$(json_get vwc /tmp/idctrl) oacs=$(json_get oacs /tmp/idctrl) fr=$(json_get fr /tmp/idctrl | tr -d ' ')"
+            out "nvme_model=$(json_get mn /tmp/idctrl | sed 's/ *$//')"
+        fi
+        if nvme_json /tmp/smart smart-log "/dev/$c"; then
+            out "nvme_smart_ok=1"
+            out "nvme_smart_temperature=$(json_get temperature /tmp/smart)"
+        fi
+        # Number of Queues: nvme-cli prints "... Current value:0x00030003".
+        value=$(nvme get-feature "/dev/$c" -f 7 2>/tmp/feature.err | sed -n 's/.*Current value: *\(0x[0-9a-fA-F]*\).*/\1/p')
+        if [ -n "$value" ]; then out "nvme_feature7=$value"; else out "nvme_error=get-feature-7 msg=$(first_line /tmp/feature.err)"; fi
+    done
+    out "nvme_ctrls=$n"
+    for ns in $(list_disks | grep '^nvme'); do
+        if nvme_json /tmp/idns id-ns "/dev/$ns"; then
+            lbaf=$(( $(json_get flbas /tmp/idns) & 15 ))
+            out "nvme_ns=$ns nsze=$(json_get nsze /tmp/idns) ncap=$(json_get ncap /tmp/idns) lbads=$(json_get "lbafs.$lbaf.ds" /tmp/idns) nguid=$(json_get nguid /tmp/idns)"
+        fi
+        set -- "/sys/block/$ns/mq/"*
+        if [ -e "$1" ]; then out "nvme_mq_queues=$#"; else out "nvme_mq_queues=0"; fi
+        for c in "$@"; do
+            [ -e "$c/cpu_list" ] && out "nvme_mq=$ns hctx=${c##*/} cpus=$(cat "$c/cpu_list")"
+        done
+    done
+    if nvme_json /tmp/list list; then
+        out "nvme_list_count=$(grep -c '^Devices\.[0-9]*\.DevicePath=' /tmp/list)"
+    fi
+    irq_counts | awk '$1 ~ /^nvme/ { printf "@@guest nvme_irq=%s count=%s\n", $1, $2 }'
+}
+
 # Writes blkswarm-pattern SEED SECTORS (guests/pattern.sh) to the first SECTORS sectors
 # with O_DIRECT, fsyncs (a device flush), drops the page cache and reads it back.
 scenario_pattern_write() {
@@ -417,6 +473,7 @@ main() {
         pattern-write) scenario_pattern_write ;;
         ro-check) scenario_ro_check ;;
         probe) scenario_probe ;;
+        nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;
     esac
 }

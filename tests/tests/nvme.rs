@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use harness::{GuestOutcome, GuestSpec, Mode, Runner};
 
+/// 1 GiB in 512-byte blocks: what nvme-cli reports as nsze/ncap of a `size=1G` namespace.
+const BLOCKS_1G: u64 = 1 << 21;
+
 fn image_dir(mode: Mode) -> String {
     match mode {
         Mode::Lab => "/tmp/blkswarm-nvme-images".to_string(),
@@ -26,6 +29,13 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
          echo '@@guest done'"
     );
     vec![
+        // Identify, namespaces, log pages and features as nvme-cli shows them.
+        GuestSpec::new("nvme_info", "nvme-info")
+            .cpus(2, 2)
+            .timeout(Duration::from_secs(150))
+            .cmdline("blkswarm.expect=2")
+            .arg("--nvme")
+            .arg("backend=null,size=1G,namespaces=2,max_ioqpairs=4,mdts=5,serial=BLKSWARM-SN-7"),
         // fio with crc32c verification through the nvme driver onto a raw image file.
         GuestSpec::new("make_fio_image", "boot").custom_command(["sh", "-c", &make_image]),
         GuestSpec::new("nvme_fio_verify", "fio")
@@ -98,6 +108,45 @@ fn host_queue_commands(o: &GuestOutcome) -> BTreeMap<u16, u64> {
         .map(words)
         .filter_map(|w| Some((w.get("sq")?.parse().ok()?, w.get("commands")?.parse().ok()?)))
         .collect()
+}
+
+#[test]
+fn nvme_cli_reports_the_configured_controller_and_namespaces() {
+    let o = clean("nvme_info");
+    expect(o, "nvme_ctrls", "1");
+    let ctrl = words(o.get("nvme_ctrl").expect("an nvme_ctrl line"));
+    assert_eq!(ctrl.get("serial"), Some(&"BLKSWARM-SN-7"), "{ctrl:?}");
+    assert_eq!(ctrl.get("mdts"), Some(&"5"), "{ctrl:?}");
+    assert_eq!(ctrl.get("nn"), Some(&"2"), "{ctrl:?}");
+    // A volatile write cache is present (so Linux sends flushes) and flushes of all
+    // namespaces at once are not supported: VWC = 101b.
+    assert_eq!(ctrl.get("vwc"), Some(&"5"), "{ctrl:?}");
+    expect(o, "nvme_model", "blkswarm NVMe controller");
+    let namespaces = o.get_all("nvme_ns");
+    assert_eq!(namespaces.len(), 2, "{namespaces:?}");
+    for ns in namespaces {
+        let ns = words(ns);
+        assert_eq!(
+            ns.get("nsze"),
+            Some(&BLOCKS_1G.to_string().as_str()),
+            "{ns:?}"
+        );
+        assert_eq!(ns.get("lbads"), Some(&"9"), "{ns:?}");
+    }
+    expect(o, "nvme_list_count", "2");
+    expect(o, "nvme_smart_ok", "1");
+    // Number of Queues (feature 7): 0's based counts of I/O CQs (31:16) and SQs (15:0)
+    // allocated, here min(max_ioqpairs, what the guest asked for) = 2 (2 vCPUs).
+    let queues = o.get("nvme_feature7").expect("nvme_feature7");
+    let value = u32::from_str_radix(queues.trim_start_matches("0x"), 16).expect(queues);
+    let (cqs, sqs) = ((value >> 16) + 1, (value & 0xffff) + 1);
+    assert_eq!(cqs, sqs, "{queues}");
+    assert!((1..=4).contains(&sqs), "{queues}");
+    assert!(
+        o.get("nvme_error").is_none(),
+        "{:?}",
+        o.get_all("nvme_error")
+    );
 }
 
 #[test]

@@ -360,7 +360,7 @@ impl NvmeController {
         data.u16(520, 1 << 2 | 1 << 3 | 1 << 4);
         // VWC: present (bit 0); Flush with NSID FFFFFFFFh not supported (bits 2:1 = 10b).
         if config.volatile_write_cache {
-            data.u8(524, 0b101);
+            data.u8(525, 0b101);
         }
         let nqn = format!("nqn.2024-01.dev.blkswarm:nvme:{}", config.serial);
         data.ascii(768, 256, &nqn);

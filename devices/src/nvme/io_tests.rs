@@ -265,7 +265,7 @@ fn flush_and_write_through_writes() {
     // Flush of all namespaces is not supported (Identify VWC bits 2:1 = 10b).
     let all = driver.io(1, 1, command(OPC_FLUSH).nsid(u32::MAX).build());
     assert_eq!(all.status, Status::INVALID_NAMESPACE);
-    assert_eq!(driver.identify(CNS_CONTROLLER, 0).1[524], 0b101);
+    assert_eq!(driver.identify(CNS_CONTROLLER, 0).1[525], 0b101);
 }
 
 #[test]

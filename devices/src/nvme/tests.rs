@@ -128,7 +128,7 @@ fn identify_controller_fields() {
     assert_eq!(data[513], 0x44, "CQES");
     assert_eq!(le32(&data, 516), 3, "NN");
     assert_eq!(le16(&data, 520) & 0b1100, 0b1100, "ONCS DSM + Write Zeroes");
-    assert_eq!(data[524] & 1, 1, "VWC");
+    assert_eq!(data[525] & 1, 1, "VWC");
     assert_eq!(le32(&data, 536), 0, "no SGLs");
     assert!(data[768..].starts_with(b"nqn.2024-01.dev.blkswarm:nvme:SERIAL-42\0"));
 }
@@ -473,7 +473,7 @@ fn features_without_volatile_write_cache() {
         volatile_write_cache: false,
         ..config()
     });
-    assert_eq!(driver.identify(CNS_CONTROLLER, 0).1[524] & 1, 0);
+    assert_eq!(driver.identify(CNS_CONTROLLER, 0).1[525] & 1, 0);
     assert_eq!(
         driver.set_feature(FID_VOLATILE_WRITE_CACHE, 1).status,
         Status::INVALID_FIELD
