@@ -26,9 +26,10 @@ pub mod parse;
 pub mod paths;
 pub mod shell;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 pub use paths::Paths;
@@ -280,7 +281,72 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The `key=value` words of a result or report line (other words are skipped).
+pub fn words(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+/// One run of a test file's guests (one L1 boot in the lab), shared by the file's tests:
+/// the first test to ask runs them all.
+pub struct SharedRun {
+    specs: fn(Mode) -> Vec<GuestSpec>,
+    outcomes: OnceLock<Result<Vec<GuestOutcome>, String>>,
+}
+
+impl SharedRun {
+    /// A run of the guests `specs` returns for the mode the runner picks.
+    pub const fn new(specs: fn(Mode) -> Vec<GuestSpec>) -> Self {
+        Self {
+            specs,
+            outcomes: OnceLock::new(),
+        }
+    }
+
+    fn outcomes(&self) -> &[GuestOutcome] {
+        let run = self.outcomes.get_or_init(|| {
+            let runner = Runner::detect().map_err(|e| e.to_string())?;
+            let specs = (self.specs)(runner.mode());
+            runner
+                .run(&specs)
+                .map(|(outcomes, _lab)| outcomes)
+                .map_err(|e| e.to_string())
+        });
+        match run {
+            Ok(outcomes) => outcomes,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Guest `name`'s outcome; panics with the reason (and console tail) unless it ended
+    /// cleanly.
+    pub fn clean(&self, name: &str) -> &GuestOutcome {
+        let outcome = self
+            .outcomes()
+            .iter()
+            .find(|o| o.name == name)
+            .unwrap_or_else(|| panic!("no outcome for {name}"));
+        if let Err(e) = outcome.expect_clean() {
+            panic!("{e}");
+        }
+        outcome
+    }
+}
+
 impl GuestOutcome {
+    /// Asserts the guest printed `@@guest key=want` (its last such line).
+    pub fn expect_result(&self, key: &str, want: &str) {
+        assert_eq!(
+            self.get(key),
+            Some(want),
+            "guest '{}': @@guest {key} (results {:?})\n{}",
+            self.name,
+            self.results,
+            self.describe_tail()
+        );
+    }
+
     pub(crate) fn new(name: &str, mode: Mode) -> GuestOutcome {
         GuestOutcome {
             name: name.to_string(),

@@ -4,10 +4,9 @@
 //! view (`@@vmm disk pci=... mode=...` at exit), disk by disk.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use harness::{GuestOutcome, GuestSpec, Runner};
+use harness::{words, GuestOutcome, GuestSpec, SharedRun};
 
 fn specs() -> Vec<GuestSpec> {
     vec![
@@ -39,34 +38,10 @@ fn specs() -> Vec<GuestSpec> {
     ]
 }
 
-fn run_all() -> Result<Vec<GuestOutcome>, String> {
-    let runner = Runner::detect().map_err(|e| e.to_string())?;
-    let (outcomes, _lab) = runner.run(&specs()).map_err(|e| e.to_string())?;
-    Ok(outcomes)
-}
+static RUN: SharedRun = SharedRun::new(|_| specs());
 
 fn clean(name: &str) -> &'static GuestOutcome {
-    static RUN: OnceLock<Result<Vec<GuestOutcome>, String>> = OnceLock::new();
-    let run = RUN.get_or_init(run_all);
-    let outcomes = match run {
-        Ok(outcomes) => outcomes,
-        Err(e) => panic!("{e}"),
-    };
-    let outcome = outcomes
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no outcome for {name}"));
-    if let Err(e) = outcome.expect_clean() {
-        panic!("{e}");
-    }
-    outcome
-}
-
-/// `key=value` words of a line.
-fn words(line: &str) -> BTreeMap<&str, &str> {
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .collect()
+    RUN.clean(name)
 }
 
 /// The host's per-disk modes, by PCI address, from `@@vmm disk pci=X mode=Y ...` lines.

@@ -3,10 +3,9 @@
 //! guests of this file share one run (in the lab: one L1 boot).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use harness::{GuestOutcome, GuestSpec, Mode, Runner};
+use harness::{words, GuestOutcome, GuestSpec, Mode, SharedRun};
 
 /// 1 GiB in 512-byte blocks: what nvme-cli reports as nsze/ncap of a `size=1G` namespace.
 const BLOCKS_1G: u64 = 1 << 21;
@@ -65,39 +64,14 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
     ]
 }
 
-fn run_all() -> Result<Vec<GuestOutcome>, String> {
-    let runner = Runner::detect().map_err(|e| e.to_string())?;
-    let (outcomes, _lab) = runner
-        .run(&specs(runner.mode()))
-        .map_err(|e| e.to_string())?;
-    Ok(outcomes)
-}
+static RUN: SharedRun = SharedRun::new(specs);
 
 fn clean(name: &str) -> &'static GuestOutcome {
-    static RUN: OnceLock<Result<Vec<GuestOutcome>, String>> = OnceLock::new();
-    let outcomes = match RUN.get_or_init(run_all) {
-        Ok(outcomes) => outcomes,
-        Err(e) => panic!("{e}"),
-    };
-    let outcome = outcomes
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no outcome for {name}"));
-    if let Err(e) = outcome.expect_clean() {
-        panic!("{e}");
-    }
-    outcome
-}
-
-/// `key=value` words of a line.
-fn words(line: &str) -> BTreeMap<&str, &str> {
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .collect()
+    RUN.clean(name)
 }
 
 fn expect(o: &GuestOutcome, key: &str, value: &str) {
-    assert_eq!(o.get(key), Some(value), "{key}\n{}", o.describe_tail());
+    o.expect_result(key, value);
 }
 
 /// The host's per-queue lines: `@@vmm nvme_queue pci=... sq=N ... commands=C`.

@@ -4,10 +4,9 @@
 //! are created and checked by steps of the same run.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use harness::{GuestOutcome, GuestSpec, Mode, Runner};
+use harness::{GuestOutcome, GuestSpec, Mode, SharedRun};
 
 const PATTERN_SEED: u32 = 7;
 const PATTERN_SECTORS: u32 = 2048;
@@ -107,47 +106,14 @@ fn specs(images: &Images) -> Vec<GuestSpec> {
     specs
 }
 
-struct Run {
-    outcomes: Vec<GuestOutcome>,
-    images: Images,
-}
-
-fn run_all() -> Result<Run, String> {
-    let runner = Runner::detect().map_err(|e| e.to_string())?;
-    let images = Images::for_mode(runner.mode());
-    let (outcomes, _lab) = runner.run(&specs(&images)).map_err(|e| e.to_string())?;
-    Ok(Run { outcomes, images })
-}
-
-fn run() -> &'static Run {
-    static RUN: OnceLock<Result<Run, String>> = OnceLock::new();
-    match RUN.get_or_init(run_all) {
-        Ok(run) => run,
-        Err(e) => panic!("{e}"),
-    }
-}
+static RUN: SharedRun = SharedRun::new(|mode| specs(&Images::for_mode(mode)));
 
 fn clean(name: &str) -> &'static GuestOutcome {
-    let outcome = run()
-        .outcomes
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no outcome for {name}"));
-    if let Err(e) = outcome.expect_clean() {
-        panic!("{e}");
-    }
-    outcome
+    RUN.clean(name)
 }
 
 fn expect(outcome: &GuestOutcome, key: &str, want: &str) {
-    assert_eq!(
-        outcome.get(key),
-        Some(want),
-        "guest '{}': @@guest {key} (results {:?})\n{}",
-        outcome.name,
-        outcome.results,
-        outcome.describe_tail()
-    );
+    outcome.expect_result(key, want);
 }
 
 /// The `disk=` line of a disk-info outcome, as key=value pairs.
@@ -216,11 +182,11 @@ fn pattern_written_by_the_guest_is_in_the_image_after_exit() {
     let o = clean("pattern_write");
     expect(o, "pattern_written", &PATTERN_SECTORS.to_string());
     expect(o, "pattern_readback", "ok");
-    let run = run();
-    match run.images.mode {
+    match o.mode {
         Mode::Lab => expect(clean("pattern_check"), "pattern_check", "ok"),
         Mode::Direct => {
-            let image = std::fs::read(run.images.path("pattern.img")).expect("image readable");
+            let images = Images::for_mode(Mode::Direct);
+            let image = std::fs::read(images.path("pattern.img")).expect("image readable");
             let want = pattern(PATTERN_SEED, PATTERN_SECTORS);
             assert_eq!(image.len(), 16 << 20);
             if let Some(sector) = (0..PATTERN_SECTORS as usize)
