@@ -168,19 +168,11 @@ fn main() -> ExitCode {
             println!("@@guest {k}={v}");
         }
     }
-    if !o.vmm.is_empty() {
-        let pairs: Vec<String> = o
-            .vmm
-            .iter()
-            .map(|(k, v)| {
-                if v.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{k}={v}")
-                }
-            })
-            .collect();
-        println!("vmm:         {}", pairs.join(" "));
+    // blkswarm's own report: its `@@vmm` lines as it printed them.
+    for line in o.console.lines().map(str::trim) {
+        if line.starts_with("@@vmm ") {
+            println!("{line}");
+        }
     }
     println!(
         "exit code:   {}",
