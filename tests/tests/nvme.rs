@@ -130,6 +130,40 @@ fn fio_verify_is_clean_on_nvme() {
     expect(o, "fio_rc", "0");
     expect(o, "fio_verify", "ok");
     expect(o, "fio_errors", "0");
+    // Linux saw OACS bit 8 and handed over doorbell buffers: its I/O doorbells went to the
+    // shadow buffer, and to MMIO only when the controller's EventIdx asked for it.
+    let controller = o
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("@@vmm nvme "))
+        .map(words)
+        .expect("an @@vmm nvme line");
+    assert_eq!(
+        controller.get("shadow_doorbells"),
+        Some(&"1"),
+        "{controller:?}"
+    );
+    assert_eq!(
+        controller.get("invalid_shadow_doorbells"),
+        Some(&"0"),
+        "{controller:?}"
+    );
+    assert_eq!(controller.get("fatal_errors"), Some(&"0"), "{controller:?}");
+    let (commands, doorbell_writes) = o
+        .console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("@@vmm nvme_queue "))
+        .map(words)
+        .map(|w| {
+            let count = |key| w.get(key).and_then(|v| v.parse::<u64>().ok()).unwrap();
+            (count("commands"), count("doorbell_writes"))
+        })
+        .fold((0, 0), |(c, d), (qc, qd)| (c + qc, d + qd));
+    assert!(commands > 0, "{}", o.describe_tail());
+    assert!(
+        doorbell_writes <= commands,
+        "{doorbell_writes} > {commands}"
+    );
 }
 
 #[test]

@@ -622,7 +622,7 @@ fn report_stall(
 /// queues the online CPUs used.
 pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io::Result<()> {
     for function in functions {
-        let (ready, live_queues, history, counters, msix) = {
+        let (ready, live_queues, history, counters, msix, shadow_doorbells) = {
             let guard = lock(&function.function);
             let controller = guard.controller();
             (
@@ -631,12 +631,14 @@ pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io
                 controller.io_queue_history(),
                 controller.counters(),
                 guard.msix().snapshot(),
+                controller.doorbell_buffers().is_some(),
             )
         };
         writeln!(
             out,
             "@@vmm nvme pci={} ready={} io_queues_live={} io_queues_ever={} msix_enabled={} \
-             injected={} admin_commands={} invalid_doorbells={} fatal_errors={}",
+             injected={} admin_commands={} shadow_doorbells={} invalid_doorbells={} \
+             invalid_shadow_doorbells={} fatal_errors={}",
             function.address,
             u8::from(ready),
             live_queues,
@@ -644,14 +646,16 @@ pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io
             u8::from(msix.enabled),
             msix.counters.injected,
             counters.admin_commands,
+            u8::from(shadow_doorbells),
             counters.invalid_doorbell_registers + counters.invalid_doorbell_values,
+            counters.invalid_shadow_doorbell_values,
             counters.fatal_errors
         )?;
         for queue in history {
             writeln!(
                 out,
                 "@@vmm nvme_queue pci={} sq={} cq={} vector={} worker={} commands={} \
-                 read_bytes={} written_bytes={} errors={} cq_full={}",
+                 doorbell_writes={} read_bytes={} written_bytes={} errors={} cq_full={}",
                 function.address,
                 queue.sq_id,
                 queue.cq_id,
@@ -660,6 +664,7 @@ pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io
                     .map_or_else(|| "-".to_string(), |v| v.to_string()),
                 queue.worker,
                 queue.commands,
+                queue.doorbell_writes,
                 queue.bytes_read,
                 queue.bytes_written,
                 queue.errors,

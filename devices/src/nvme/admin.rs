@@ -12,7 +12,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::io_queue::{IoCompletionQueue, IoSubmissionQueueHandler, IoSubmissionQueueShared};
 use super::prp;
 use super::queue::{CompletionQueue, SubmissionEntry};
-use super::registers::VERSION_1_4;
+use super::registers::{Doorbell, VERSION_1_4};
+use super::shadow::DoorbellBuffers;
 use super::{
     ControllerConfig, IoSubmissionQueueSlot, NvmeController, Status, ADMIN_QUEUE_ID,
     COMPLETION_ENTRY_BYTES, COMPLETION_ENTRY_SHIFT, PAGE_SIZE, SUBMISSION_ENTRY_BYTES,
@@ -29,6 +30,10 @@ pub const OPC_ABORT: u8 = 0x08;
 pub const OPC_SET_FEATURES: u8 = 0x09;
 pub const OPC_GET_FEATURES: u8 = 0x0A;
 pub const OPC_ASYNC_EVENT_REQUEST: u8 = 0x0C;
+pub const OPC_DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
+
+/// OACS bit 8: Doorbell Buffer Config supported.
+pub const OACS_DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 
 pub const CNS_NAMESPACE: u8 = 0x00;
 pub const CNS_CONTROLLER: u8 = 0x01;
@@ -244,6 +249,7 @@ impl NvmeController {
                 OPC_SET_FEATURES => self.set_features(command),
                 OPC_GET_FEATURES => self.get_features(command),
                 OPC_ASYNC_EVENT_REQUEST => return self.async_event_request(command),
+                OPC_DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(command),
                 _ => Err(Status::INVALID_OPCODE),
             }
         };
@@ -334,8 +340,7 @@ impl NvmeController {
         data.u32(92, AEC_NAMESPACE_ATTRIBUTE);
         // CNTRLTYPE: I/O controller.
         data.u8(111, 1);
-        // OACS stays 0 until shadow doorbells exist: Doorbell Buffer Config (bit 8) is only
-        // advertised once honoured, since Linux would stop ringing MMIO doorbells.
+        data.u16(256, OACS_DOORBELL_BUFFER_CONFIG);
         data.u8(258, ABORT_COMMAND_LIMIT - 1);
         data.u8(259, ASYNC_EVENT_REQUEST_LIMIT as u8 - 1);
         // FRMW: one firmware slot, slot 1 read-only.
@@ -436,7 +441,11 @@ impl NvmeController {
         }
         let base = self.check_queue_memory(command, u64::from(entries) * COMPLETION_ENTRY_BYTES)?;
         let ring = CompletionQueue::new(qid, base, entries, vector, interrupts_enabled);
-        self.io_completion_queues[usize::from(qid)] = Some(Arc::new(IoCompletionQueue::new(ring)));
+        let cq = Arc::new(IoCompletionQueue::new(ring));
+        if let Some(buffers) = self.doorbell_buffers {
+            cq.attach_shadow(buffers.slot(Doorbell::CompletionHead(qid)), &self.io);
+        }
+        self.io_completion_queues[usize::from(qid)] = Some(cq);
         Ok(0)
     }
 
@@ -469,6 +478,9 @@ impl NvmeController {
             Status::INTERNAL_ERROR
         })?;
         cq.bind_submission_queue();
+        if let Some(buffers) = self.doorbell_buffers {
+            shared.attach_shadow(buffers.slot(Doorbell::SubmissionTail(qid)));
+        }
         self.io_submission_queues[usize::from(qid)] = Some(IoSubmissionQueueSlot {
             shared,
             cq,
@@ -493,6 +505,32 @@ impl NvmeController {
         self.pool.remove_queues(vec![slot.registration]);
         self.retire_io_queue(slot.shared.stats(&slot.cq, worker));
         slot.cq.unbind_submission_queue();
+        Ok(0)
+    }
+
+    /// Doorbell Buffer Config: PRP1 is the shadow doorbell buffer, PRP2 the EventIdx buffer,
+    /// both page aligned. I/O queues that exist already switch to them at once (Linux sends
+    /// the command after creating its queues); the admin queue keeps MMIO doorbells.
+    fn doorbell_buffer_config(&mut self, command: &SubmissionEntry) -> AdminResult {
+        let buffers = DoorbellBuffers {
+            shadow: GuestAddress(command.prp1()),
+            event_index: GuestAddress(command.prp2()),
+        };
+        let bytes = DoorbellBuffers::bytes_used(self.config.max_queue_id());
+        for base in [buffers.shadow.0, buffers.event_index.0] {
+            if !base.is_multiple_of(PAGE_SIZE) || !self.in_guest_memory(base, bytes) {
+                return Err(Status::INVALID_FIELD);
+            }
+        }
+        self.doorbell_buffers = Some(buffers);
+        for cq in self.io_completion_queues.iter().flatten() {
+            cq.attach_shadow(buffers.slot(Doorbell::CompletionHead(cq.id())), &self.io);
+        }
+        for slot in self.io_submission_queues.iter().flatten() {
+            let qid = slot.shared.id;
+            slot.shared
+                .attach_shadow(buffers.slot(Doorbell::SubmissionTail(qid)));
+        }
         Ok(0)
     }
 

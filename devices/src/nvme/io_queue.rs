@@ -11,6 +11,10 @@
 //! the handler registers its notifier with the CQ and stops; the next head doorbell that
 //! frees entries wakes every registered SQ. Registration and the doorbell's look at the
 //! waiters happen under the same lock, so no wake-up is lost.
+//!
+//! With shadow doorbells ([`super::shadow`]) the SQ handler reads its tail from the shadow
+//! buffer and the CQ reads its head there when it runs out of room; the MMIO doorbells, rung
+//! only when the host passes an EventIdx, just wake them.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -22,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::nvm::{self, IoContext, Operation, Prepared};
 use super::prp::Segment;
 use super::queue::{Completion, CompletionQueue, InvalidDoorbellValue, SubmissionEntry};
+use super::shadow::ShadowDoorbell;
 use super::{Status, SUBMISSION_ENTRY_BYTES};
 use crate::io::{IoSubmitter, QueueHandler, Submitted};
 
@@ -36,6 +41,40 @@ struct CompletionQueueState {
     waiters: Vec<Arc<EventFd>>,
     /// SQs bound to this CQ: deletion is refused while any remain.
     bound_submission_queues: usize,
+    /// The head's shadow slot, once the host configured doorbell buffers.
+    shadow: Option<ShadowDoorbell>,
+}
+
+impl CompletionQueueState {
+    fn has_room(&self) -> bool {
+        self.ring.room() > self.reserved
+    }
+
+    /// Takes the head the host stored in the shadow buffer. An invalid value is counted and
+    /// ignored: the host may still store a good one.
+    fn refresh_head_from_shadow(&mut self, shadow: ShadowDoorbell, context: &IoContext) {
+        match shadow.read(&context.memory) {
+            Ok(head) => {
+                let accepted = u16::try_from(head)
+                    .ok()
+                    .is_some_and(|head| self.ring.set_head(head).is_ok());
+                if !accepted {
+                    context
+                        .invalid_shadow_doorbell_values
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => context.fatal.store(true, Ordering::SeqCst),
+        }
+    }
+
+    /// Wakes every SQ that stopped for lack of room.
+    fn wake_waiters(&mut self) {
+        for waiter in self.waiters.drain(..) {
+            // The counter cannot overflow at one increment per doorbell.
+            let _ = waiter.write(1);
+        }
+    }
 }
 
 /// An I/O completion queue, shared by the controller and the SQ handlers posting into it.
@@ -57,6 +96,7 @@ impl IoCompletionQueue {
                 reserved: 0,
                 waiters: Vec::new(),
                 bound_submission_queues: 0,
+                shadow: None,
             }),
         }
     }
@@ -88,34 +128,77 @@ impl IoCompletionQueue {
     }
 
     /// A head doorbell write. On success, writes the notifiers of SQs waiting for room.
-    pub fn set_head(&self, head: u16) -> Result<(), InvalidDoorbellValue> {
-        let waiters = {
-            let mut state = self.state();
-            state.ring.set_head(head)?;
-            if state.waiters.is_empty() {
-                return Ok(());
+    ///
+    /// With a shadow slot the head comes from the shadow buffer, which is at least as new as
+    /// the MMIO value: a late MMIO write from another vCPU must not move the head back.
+    pub fn head_doorbell(
+        &self,
+        head: u16,
+        context: &IoContext,
+    ) -> Result<(), InvalidDoorbellValue> {
+        let mut state = self.state();
+        match state.shadow {
+            Some(shadow) => {
+                if u32::from(head) >= state.ring.size() {
+                    return Err(InvalidDoorbellValue);
+                }
+                state.refresh_head_from_shadow(shadow, context);
             }
-            std::mem::take(&mut state.waiters)
-        };
-        for waiter in waiters {
-            // The counter cannot overflow at one increment per doorbell.
-            let _ = waiter.write(1);
+            None => state.ring.set_head(head)?,
         }
+        state.wake_waiters();
         Ok(())
+    }
+
+    /// Doorbell Buffer Config: the head lives in `shadow` from now on. An SQ already waiting
+    /// for room needs the host to ring at its next head update.
+    pub fn attach_shadow(&self, shadow: ShadowDoorbell, context: &IoContext) {
+        let mut state = self.state();
+        state.shadow = Some(shadow);
+        if !state.waiters.is_empty() {
+            let head = state.ring.head();
+            if shadow.publish_event_index(&context.memory, head).is_err() {
+                context.fatal.store(true, Ordering::SeqCst);
+            }
+            state.refresh_head_from_shadow(shadow, context);
+            state.wake_waiters();
+        }
     }
 
     /// Reserves an entry for one completion, or registers `waiter` to be woken when the
     /// host frees entries.
-    fn reserve(&self, waiter: &Arc<EventFd>) -> bool {
+    fn reserve(&self, waiter: &Arc<EventFd>, context: &IoContext) -> bool {
         let mut state = self.state();
-        if state.ring.room() > state.reserved {
-            state.reserved += 1;
-            return true;
+        let mut room = state.has_room();
+        if !room {
+            if let Some(shadow) = state.shadow {
+                // The host may have consumed entries without ringing.
+                state.refresh_head_from_shadow(shadow, context);
+                room = state.has_room();
+            }
         }
-        if !state.waiters.iter().any(|known| Arc::ptr_eq(known, waiter)) {
-            state.waiters.push(waiter.clone());
+        if !room {
+            if !state.waiters.iter().any(|known| Arc::ptr_eq(known, waiter)) {
+                state.waiters.push(waiter.clone());
+            }
+            let Some(shadow) = state.shadow else {
+                return false;
+            };
+            // Ask for a ring at the next head update, then look once more: a head stored
+            // before the host could see the new EventIdx did not ring.
+            let head = state.ring.head();
+            if shadow.publish_event_index(&context.memory, head).is_err() {
+                context.fatal.store(true, Ordering::SeqCst);
+                return false;
+            }
+            state.refresh_head_from_shadow(shadow, context);
+            if !state.has_room() {
+                return false;
+            }
+            // Registered but no longer waiting: the next head doorbell wakes us for nothing.
         }
-        false
+        state.reserved += 1;
+        true
     }
 
     /// Gives back reservations of commands that will never complete (their SQ was removed).
@@ -147,6 +230,8 @@ pub struct SubmissionQueueCounters {
     pub errors: AtomicU64,
     /// Passes that stopped because the CQ had no free entry.
     pub completion_queue_full: AtomicU64,
+    /// MMIO tail doorbell writes (with shadow doorbells, far fewer than commands).
+    pub doorbell_writes: AtomicU64,
 }
 
 /// An I/O SQ's per-queue numbers, for reports.
@@ -163,6 +248,7 @@ pub struct IoQueueStats {
     pub bytes_written: u64,
     pub errors: u64,
     pub completion_queue_full: u64,
+    pub doorbell_writes: u64,
 }
 
 impl IoQueueStats {
@@ -176,6 +262,7 @@ impl IoQueueStats {
         self.bytes_written += later.bytes_written;
         self.errors += later.errors;
         self.completion_queue_full += later.completion_queue_full;
+        self.doorbell_writes += later.doorbell_writes;
     }
 }
 
@@ -188,6 +275,8 @@ pub struct IoSubmissionQueueShared {
     /// Written by the tail doorbell and by CQ head doorbells that free room.
     pub notifier: Arc<EventFd>,
     pub counters: SubmissionQueueCounters,
+    /// The tail's shadow slot, once the host configured doorbell buffers.
+    shadow: Mutex<Option<ShadowDoorbell>>,
 }
 
 impl IoSubmissionQueueShared {
@@ -198,14 +287,30 @@ impl IoSubmissionQueueShared {
             tail: AtomicU32::new(0),
             notifier,
             counters: SubmissionQueueCounters::default(),
+            shadow: Mutex::new(None),
         }
     }
 
-    /// A tail doorbell write: stores the tail and wakes the handler.
+    fn shadow(&self) -> Option<ShadowDoorbell> {
+        *self.shadow.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Doorbell Buffer Config: the tail lives in `shadow` from now on. Wakes the handler, which
+    /// reads it and publishes its EventIdx before it next goes idle.
+    pub fn attach_shadow(&self, shadow: ShadowDoorbell) {
+        *self.shadow.lock().unwrap_or_else(PoisonError::into_inner) = Some(shadow);
+        let _ = self.notifier.write(1);
+    }
+
+    /// A tail doorbell write: stores the tail and wakes the handler (which reads the tail
+    /// from the shadow slot instead, if there is one).
     pub fn ring(&self, tail: u32) -> Result<(), InvalidDoorbellValue> {
         if tail >= self.size {
             return Err(InvalidDoorbellValue);
         }
+        self.counters
+            .doorbell_writes
+            .fetch_add(1, Ordering::Relaxed);
         // Release: the handler that sees this tail also sees the entries the guest wrote
         // before ringing (the MMIO exit orders them before this store).
         self.tail.store(tail, Ordering::Release);
@@ -225,6 +330,7 @@ impl IoSubmissionQueueShared {
             bytes_written: counters.bytes_written.load(Ordering::Relaxed),
             errors: counters.errors.load(Ordering::Relaxed),
             completion_queue_full: counters.completion_queue_full.load(Ordering::Relaxed),
+            doorbell_writes: counters.doorbell_writes.load(Ordering::Relaxed),
         }
     }
 }
@@ -288,18 +394,53 @@ impl IoSubmissionQueueHandler {
         Ok(SubmissionEntry::from_bytes(&bytes))
     }
 
+    /// The host's tail: the last doorbell value, or the shadow slot's. An invalid shadow
+    /// value is counted and read as "nothing new" until the host stores a good one.
+    fn tail(&self, shadow: Option<ShadowDoorbell>) -> u32 {
+        let Some(shadow) = shadow else {
+            return self.shared.tail.load(Ordering::Acquire);
+        };
+        match shadow.read(&self.context.memory) {
+            Ok(tail) if tail < self.shared.size => tail,
+            Ok(_) => {
+                self.context
+                    .invalid_shadow_doorbell_values
+                    .fetch_add(1, Ordering::Relaxed);
+                self.head
+            }
+            Err(_) => {
+                self.context.fatal.store(true, Ordering::SeqCst);
+                self.head
+            }
+        }
+    }
+
     fn drain(&mut self, io: &mut IoSubmitter<'_>) {
+        let shadow = self.shared.shadow();
         let mut budget = MAX_COMMANDS_PER_PASS;
         loop {
-            let tail = self.shared.tail.load(Ordering::Acquire);
-            if self.head == tail {
-                return;
+            if self.head == self.tail(shadow) {
+                let Some(shadow) = shadow else {
+                    return;
+                };
+                // Going idle: ask for a ring at the next submission, then look once more,
+                // since a tail stored before the host could see the new EventIdx did not ring.
+                if shadow
+                    .publish_event_index(&self.context.memory, self.head)
+                    .is_err()
+                {
+                    self.context.fatal.store(true, Ordering::SeqCst);
+                    return;
+                }
+                if self.head == self.tail(Some(shadow)) {
+                    return;
+                }
             }
             if budget == 0 {
                 io.run_again();
                 return;
             }
-            if !self.cq.reserve(&self.shared.notifier) {
+            if !self.cq.reserve(&self.shared.notifier, &self.context) {
                 self.shared
                     .counters
                     .completion_queue_full

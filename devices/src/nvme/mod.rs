@@ -20,13 +20,16 @@ pub mod pci;
 pub mod prp;
 pub mod queue;
 pub mod registers;
+pub mod shadow;
+#[cfg(test)]
+mod shadow_tests;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -38,6 +41,7 @@ use io_queue::{IoCompletionQueue, IoQueueStats, IoSubmissionQueueShared};
 use nvm::{IoContext, Namespace};
 use queue::{Completion, CompletionQueue, SubmissionQueue};
 use registers::{Doorbell, RegisterFile, RegisterWrite};
+use shadow::DoorbellBuffers;
 
 /// Memory page size: CAP.MPSMIN = CAP.MPSMAX = 0, so CC.MPS can only select 4 KiB.
 pub const PAGE_SIZE: u64 = 4096;
@@ -344,6 +348,8 @@ pub struct NvmeCounters {
     pub fatal_errors: u64,
     /// Create I/O SQ commands that failed because the I/O pool refused the queue.
     pub io_queue_registration_failures: u64,
+    /// Shadow doorbell values beyond their queue (or a CQ head past the posted entries).
+    pub invalid_shadow_doorbell_values: u64,
 }
 
 /// An I/O SQ: the state shared with its handler, its CQ, and its place in the pool.
@@ -372,6 +378,8 @@ pub struct NvmeController {
     counters: NvmeCounters,
     /// The admin CQ got entries during the current register write: signalled once at its end.
     admin_completions_to_signal: bool,
+    /// Shadow doorbells of the I/O queues (Doorbell Buffer Config), forgotten at reset.
+    doorbell_buffers: Option<DoorbellBuffers>,
 }
 
 impl NvmeController {
@@ -397,6 +405,7 @@ impl NvmeController {
             max_transfer_bytes: PAGE_SIZE << config.effective_mdts(),
             write_through: AtomicBool::new(!features.volatile_write_cache),
             fatal: AtomicBool::new(false),
+            invalid_shadow_doorbell_values: AtomicU64::new(0),
         });
         NvmeController {
             registers: RegisterFile::new(config.max_queue_entries),
@@ -409,6 +418,7 @@ impl NvmeController {
             events: AsyncEvents::default(),
             counters: NvmeCounters::default(),
             admin_completions_to_signal: false,
+            doorbell_buffers: None,
             config,
             memory,
             pool,
@@ -421,7 +431,18 @@ impl NvmeController {
     }
 
     pub fn counters(&self) -> NvmeCounters {
-        self.counters
+        NvmeCounters {
+            invalid_shadow_doorbell_values: self
+                .io
+                .invalid_shadow_doorbell_values
+                .load(Ordering::Relaxed),
+            ..self.counters
+        }
+    }
+
+    /// The buffers of the last successful Doorbell Buffer Config, until a reset.
+    pub fn doorbell_buffers(&self) -> Option<DoorbellBuffers> {
+        self.doorbell_buffers
     }
 
     pub fn registers(&self) -> &RegisterFile {
@@ -614,6 +635,7 @@ impl NvmeController {
             .store(!self.features.volatile_write_cache, Ordering::Relaxed);
         self.events = AsyncEvents::default();
         self.admin_completions_to_signal = false;
+        self.doorbell_buffers = None;
         // A fatal error of the previous life is cleared by the reset.
         self.io.fatal.store(false, Ordering::SeqCst);
         self.registers.csts = 0;
@@ -680,7 +702,7 @@ impl NvmeController {
             // Wakes SQs that stopped for lack of CQ entries.
             Doorbell::CompletionHead(qid) => self
                 .io_completion_queue(qid)
-                .and_then(|cq| cq.set_head(value).ok()),
+                .and_then(|cq| cq.head_doorbell(value, &self.io).ok()),
         });
         if accepted.is_none() {
             self.counters.invalid_doorbell_values += 1;

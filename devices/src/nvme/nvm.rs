@@ -6,7 +6,7 @@
 //! `Arc<BlockBackend>` ([`super::NamespaceConfig::backend_offset`] and `size_blocks`), so a
 //! controller can give every namespace its own backend or carve several out of one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -85,6 +85,8 @@ pub struct IoContext {
     /// An I/O queue could not read its SQ or write its CQ in guest memory: the controller
     /// turns this into CSTS.CFS at the next register read.
     pub fatal: AtomicBool,
+    /// Shadow doorbell values beyond their queue, ignored (see [`super::shadow`]).
+    pub invalid_shadow_doorbell_values: AtomicU64,
 }
 
 /// One command's backend work: a first operation, then possibly more Deallocate ranges and a

@@ -241,6 +241,11 @@ impl CompletionQueue {
         self.bound_submission_queues = self.bound_submission_queues.saturating_sub(1);
     }
 
+    /// Next entry the host will consume, as of its last head update.
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+
     /// Entries written and not yet consumed by the host.
     fn posted(&self) -> u32 {
         (self.tail + self.size - self.head) % self.size

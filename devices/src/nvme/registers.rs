@@ -72,12 +72,16 @@ impl Doorbell {
         })
     }
 
-    pub fn offset(self) -> u64 {
-        let index = match self {
+    /// Position among the doorbells: 2y for SQ y, 2y+1 for CQ y.
+    pub fn index(self) -> u64 {
+        match self {
             Doorbell::SubmissionTail(qid) => 2 * u64::from(qid),
             Doorbell::CompletionHead(qid) => 2 * u64::from(qid) + 1,
-        };
-        DOORBELL_BASE + index * DOORBELL_STRIDE
+        }
+    }
+
+    pub fn offset(self) -> u64 {
+        DOORBELL_BASE + self.index() * DOORBELL_STRIDE
     }
 
     pub fn queue_id(self) -> u16 {

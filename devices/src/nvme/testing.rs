@@ -3,6 +3,7 @@
 //! completions by phase tag. Plus an [`NvmeInterrupt`] that records every notification.
 
 use std::collections::HashMap;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,16 @@ pub const IO_QUEUE_STRIDE: u64 = 0x1_0000;
 /// Data buffer for Identify and log pages.
 pub const DATA_BASE: u64 = 0xC0_0000;
 pub const PAGE: u64 = 4096;
+/// Shadow doorbell and EventIdx buffers, one page each.
+pub const SHADOW_DOORBELLS: u64 = 0xE0_0000;
+pub const EVENT_INDEXES: u64 = 0xE0_1000;
+
+/// Whether a host moving its index from `old` to `new` must ring the MMIO doorbell:
+/// `event_index` lies in [old, new), in 16-bit modular arithmetic (Linux's
+/// `nvme_dbbuf_need_event`, the virtio EVENT_IDX rule).
+pub fn need_event(event_index: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event_index).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 #[derive(Default)]
 pub struct RecordingInterrupt {
@@ -80,6 +91,13 @@ pub struct TestDriver {
     submission_queues: HashMap<u16, DriverSq>,
     completion_queues: HashMap<u16, DriverCq>,
     next_command_id: u16,
+    /// Shadow doorbell and EventIdx buffers after a successful Doorbell Buffer Config: I/O
+    /// doorbells then go there and to MMIO only when the EventIdx asks, as Linux does.
+    doorbell_buffers: Option<(u64, u64)>,
+    /// MMIO writes of I/O queue doorbells (tail and head).
+    pub io_doorbell_mmio_writes: u64,
+    /// I/O queue doorbell updates, whether they went to MMIO or only to the shadow buffer.
+    pub io_doorbell_updates: u64,
 }
 
 impl TestDriver {
@@ -98,6 +116,9 @@ impl TestDriver {
             submission_queues: HashMap::new(),
             completion_queues: HashMap::new(),
             next_command_id: 0,
+            doorbell_buffers: None,
+            io_doorbell_mmio_writes: 0,
+            io_doorbell_updates: 0,
         }
     }
 
@@ -180,6 +201,57 @@ impl TestDriver {
         self.write32(REG_CC, 0);
         self.submission_queues.clear();
         self.completion_queues.clear();
+        self.doorbell_buffers = None;
+    }
+
+    /// Doorbell Buffer Config with the given buffers; on success the driver uses them for
+    /// every I/O queue, existing ones included (Linux's `nvme_dbbuf_set`).
+    pub fn configure_doorbell_buffers(&mut self, shadow: u64, event_index: u64) -> Status {
+        let status = self
+            .admin(
+                command(OPC_DOORBELL_BUFFER_CONFIG)
+                    .prp1(shadow)
+                    .prp2(event_index)
+                    .build(),
+            )
+            .status;
+        if status.is_success() {
+            self.doorbell_buffers = Some((shadow, event_index));
+        }
+        status
+    }
+
+    /// Writes an I/O doorbell as Linux does: with doorbell buffers, store the value in the
+    /// shadow slot, then ring MMIO only if the controller's EventIdx lies in [old, new).
+    fn write_io_doorbell(&mut self, doorbell: Doorbell, value: u16) {
+        self.io_doorbell_updates += 1;
+        if let Some((shadow, event_index)) = self.doorbell_buffers {
+            let slot = doorbell.index() * DOORBELL_STRIDE;
+            let old: u32 = self.memory.read_obj(GuestAddress(shadow + slot)).unwrap();
+            self.memory
+                .write_obj(u32::from(value), GuestAddress(shadow + slot))
+                .unwrap();
+            fence(Ordering::SeqCst);
+            let wanted: u32 = self
+                .memory
+                .read_obj(GuestAddress(event_index + slot))
+                .unwrap();
+            if !need_event(wanted as u16, value, old as u16) {
+                return;
+            }
+        }
+        self.io_doorbell_mmio_writes += 1;
+        self.write32(doorbell.offset(), u32::from(value));
+    }
+
+    /// Reads one doorbell's slot of the EventIdx buffer.
+    pub fn event_index(&self, doorbell: Doorbell) -> u32 {
+        let (_, event_index) = self.doorbell_buffers.expect("no doorbell buffers");
+        self.memory
+            .read_obj(GuestAddress(
+                event_index + doorbell.index() * DOORBELL_STRIDE,
+            ))
+            .unwrap()
     }
 
     /// Writes `entry` at the SQ tail with a fresh command id; rings the doorbell if `ring`.
@@ -199,7 +271,11 @@ impl TestDriver {
 
     pub fn ring_sq(&mut self, qid: u16) {
         let tail = self.submission_queues[&qid].tail;
-        self.write32(Doorbell::SubmissionTail(qid).offset(), u32::from(tail));
+        if qid == 0 {
+            self.write32(Doorbell::SubmissionTail(qid).offset(), u32::from(tail));
+        } else {
+            self.write_io_doorbell(Doorbell::SubmissionTail(qid), tail);
+        }
     }
 
     /// Takes the next completion if its phase tag says it is new, without ringing the CQ head.
@@ -232,7 +308,12 @@ impl TestDriver {
     /// Waits (polling the phase tag, as the workers complete asynchronously) for the next
     /// completion of CQ `qid`; does not ring the head doorbell.
     pub fn wait_quietly(&mut self, qid: u16) -> Option<Cqe> {
-        let deadline = Instant::now() + IO_TIMEOUT;
+        self.wait_quietly_for(qid, IO_TIMEOUT)
+    }
+
+    /// [`Self::wait_quietly`] with its own timeout.
+    pub fn wait_quietly_for(&mut self, qid: u16, timeout: Duration) -> Option<Cqe> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(cqe) = self.reap_quietly(qid) {
                 return Some(cqe);
@@ -263,7 +344,11 @@ impl TestDriver {
 
     pub fn ring_cq(&mut self, qid: u16) {
         let head = self.completion_queues[&qid].head;
-        self.write32(Doorbell::CompletionHead(qid).offset(), u32::from(head));
+        if qid == 0 {
+            self.write32(Doorbell::CompletionHead(qid).offset(), u32::from(head));
+        } else {
+            self.write_io_doorbell(Doorbell::CompletionHead(qid), head);
+        }
     }
 
     /// Reaps one completion and rings the CQ head doorbell.
