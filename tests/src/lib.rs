@@ -335,6 +335,14 @@ impl SharedRun {
 }
 
 impl GuestOutcome {
+    /// Lost because L1 died under it or before it began (lab mode).
+    pub fn lost_with_the_lab(&self) -> bool {
+        self.lost.as_deref().is_some_and(|why| {
+            why.starts_with("began but never ended: QEMU exited")
+                || why.starts_with("never started: QEMU exited")
+        })
+    }
+
     /// Asserts the guest printed `@@guest key=want` (its last such line).
     pub fn expect_result(&self, key: &str, want: &str) {
         assert_eq!(
@@ -645,7 +653,31 @@ impl Runner {
                     guest_grace: lab::GUEST_GRACE,
                     extra_files: self.lab_files.clone(),
                 };
-                let (outcomes, report) = lab::run(&cfg, specs)?;
+                let (mut outcomes, report) = lab::run(&cfg, specs)?;
+                // L1 itself died (QEMU exited without `@@lab done`; seen rarely under TCG's
+                // emulated SVM, with nothing on the console): a failure of the lab, not a
+                // verdict on the guests it took down. They run once more in a fresh L1; a
+                // guest that kills L1 again fails.
+                let lost: Vec<usize> = (0..outcomes.len())
+                    .filter(|&i| outcomes[i].lost_with_the_lab())
+                    .collect();
+                if let Some(&first) = lost.first() {
+                    eprintln!(
+                        "harness: L1 died during guest '{}'; running {} guest(s) again in a \
+                         new L1 boot",
+                        outcomes[first].name,
+                        lost.len()
+                    );
+                    let again: Vec<GuestSpec> = lost.iter().map(|&i| specs[i].clone()).collect();
+                    let (retried, _) = lab::run(&cfg, &again)?;
+                    for (i, mut outcome) in lost.into_iter().zip(retried) {
+                        outcome.console.insert_str(
+                            0,
+                            "harness: second attempt, after L1 died during the first\n",
+                        );
+                        outcomes[i] = outcome;
+                    }
+                }
                 Ok((outcomes, Some(report)))
             }
         }
@@ -713,5 +745,12 @@ mod tests {
         assert!(e.contains("line 50") && e.contains("line 11") && !e.contains("line 10\n"));
         o.lost = Some("began but never ended".into());
         assert!(o.expect_clean().unwrap_err().contains("LOST"));
+        assert!(!o.lost_with_the_lab(), "a timeout is the guest's own");
+        o.lost = Some("began but never ended: QEMU exited (exit status: 0) after 9 ms".into());
+        assert!(o.lost_with_the_lab());
+        o.lost = Some("never started: QEMU exited (exit status: 0) after 9 ms".into());
+        assert!(o.lost_with_the_lab());
+        o.lost = Some("never started: the lab timed out".into());
+        assert!(!o.lost_with_the_lab());
     }
 }
