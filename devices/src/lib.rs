@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod io;
+pub mod latency;
 pub mod legacy;
 pub mod nvme;
 pub mod pci;

@@ -470,6 +470,7 @@ impl NvmeController {
             qid,
             entries,
             Arc::new(notifier),
+            self.io_queue_latency[usize::from(qid)].clone(),
         ));
         let handler =
             IoSubmissionQueueHandler::new(shared.clone(), base, cq.clone(), self.io.clone());

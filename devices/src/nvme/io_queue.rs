@@ -29,6 +29,7 @@ use super::queue::{Completion, CompletionQueue, InvalidDoorbellValue, Submission
 use super::shadow::ShadowDoorbell;
 use super::{Status, SUBMISSION_ENTRY_BYTES};
 use crate::io::{IoSubmitter, QueueHandler, Submitted};
+use crate::latency::{LatencyRecorder, QueueLatency, RequestTimes};
 
 /// Commands one SQ fetches per pass before yielding to the worker's other queues.
 const MAX_COMMANDS_PER_PASS: u32 = 256;
@@ -277,10 +278,12 @@ pub struct IoSubmissionQueueShared {
     pub counters: SubmissionQueueCounters,
     /// The tail's shadow slot, once the host configured doorbell buffers.
     shadow: Mutex<Option<ShadowDoorbell>>,
+    /// Timing and counts of this SQ id, kept across deletions and resets.
+    pub latency: Arc<QueueLatency>,
 }
 
 impl IoSubmissionQueueShared {
-    pub fn new(id: u16, size: u32, notifier: Arc<EventFd>) -> Self {
+    pub fn new(id: u16, size: u32, notifier: Arc<EventFd>, latency: Arc<QueueLatency>) -> Self {
         IoSubmissionQueueShared {
             id,
             size,
@@ -288,6 +291,7 @@ impl IoSubmissionQueueShared {
             notifier,
             counters: SubmissionQueueCounters::default(),
             shadow: Mutex::new(None),
+            latency,
         }
     }
 
@@ -311,6 +315,7 @@ impl IoSubmissionQueueShared {
         self.counters
             .doorbell_writes
             .fetch_add(1, Ordering::Relaxed);
+        self.latency.count_notification();
         // Release: the handler that sees this tail also sees the entries the guest wrote
         // before ringing (the MMIO exit orders them before this store).
         self.tail.store(tail, Ordering::Release);
@@ -341,6 +346,7 @@ struct Request {
     busy: bool,
     command_id: u16,
     operation: Operation,
+    times: RequestTimes,
 }
 
 /// One I/O SQ as served by a pool worker.
@@ -356,6 +362,9 @@ pub struct IoSubmissionQueueHandler {
     segments: Vec<Segment>,
     /// Completions posted since the last interrupt decision.
     posted: bool,
+    latency: LatencyRecorder,
+    /// When the current pass over the SQ began: the commands it fetches were notified then.
+    pass_started: u64,
 }
 
 impl IoSubmissionQueueHandler {
@@ -365,6 +374,7 @@ impl IoSubmissionQueueHandler {
         cq: Arc<IoCompletionQueue>,
         context: Arc<IoContext>,
     ) -> Self {
+        let latency = LatencyRecorder::new(shared.latency.clone());
         IoSubmissionQueueHandler {
             shared,
             cq,
@@ -375,6 +385,8 @@ impl IoSubmissionQueueHandler {
             free: Vec::new(),
             segments: Vec::new(),
             posted: false,
+            latency,
+            pass_started: 0,
         }
     }
 
@@ -418,6 +430,7 @@ impl IoSubmissionQueueHandler {
     fn drain(&mut self, io: &mut IoSubmitter<'_>) {
         let shadow = self.shared.shadow();
         let mut budget = MAX_COMMANDS_PER_PASS;
+        self.pass_started = self.latency.stamp();
         loop {
             if self.head == self.tail(shadow) {
                 let Some(shadow) = shadow else {
@@ -471,18 +484,30 @@ impl IoSubmissionQueueHandler {
                 (self.requests.len() - 1) as u32
             }
         };
+        self.latency.fetched();
         let request = &mut self.requests[index as usize];
         request.command_id = command.command_id();
+        request.times = RequestTimes {
+            notified: self.pass_started,
+            ..RequestTimes::default()
+        };
         let prepared = nvm::prepare(
             &self.context,
             command,
             &mut request.operation,
             &mut self.segments,
         );
+        request.times.parsed = self.latency.stamp();
         match prepared {
             Ok(Prepared::Backend) => self.submit(index, io),
-            Ok(Prepared::Complete) => self.finish(index, Status::SUCCESS),
-            Err(status) => self.finish(index, status),
+            Ok(Prepared::Complete) => {
+                request.times.answered_at_parse();
+                self.finish(index, Status::SUCCESS)
+            }
+            Err(status) => {
+                request.times.answered_at_parse();
+                self.finish(index, status)
+            }
         }
     }
 
@@ -496,6 +521,11 @@ impl IoSubmissionQueueHandler {
             // memory that `self.context` keeps mapped as long as this handler lives, and the
             // pool drops the handler only after the queue's last completion.
             let submitted = unsafe { backend.submit(index, &mut request.operation.io, io) };
+            // Multi-step commands (deallocate ranges, write + flush) keep their first step's
+            // submission time: the backend phase covers every step.
+            if request.times.submitted == 0 {
+                request.times.submitted = self.latency.stamp();
+            }
             if !self.step_done(index, submitted) {
                 return;
             }
@@ -532,8 +562,13 @@ impl IoSubmissionQueueHandler {
 
     /// Posts the request's completion into its reserved CQ entry and frees the slot.
     fn finish(&mut self, index: u32, status: Status) {
+        let stamp = self.latency.stamp();
         let request = &mut self.requests[index as usize];
         request.busy = false;
+        if request.times.completed == 0 {
+            request.times.completed = stamp;
+        }
+        let times = request.times;
         if !status.is_success() {
             self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -547,8 +582,10 @@ impl IoSubmissionQueueHandler {
         self.free.push(index);
         if self.cq.post_reserved(&self.context, completion).is_err() {
             self.context.fatal.store(true, Ordering::SeqCst);
+            self.latency.abandoned();
         } else {
             self.posted = true;
+            self.latency.published(times);
         }
     }
 }
@@ -582,11 +619,13 @@ impl QueueHandler for IoSubmissionQueueHandler {
         if !std::mem::take(&mut self.posted) {
             return;
         }
-        if let Some(vector) = self.cq.interrupt_vector() {
+        let vector = self.cq.interrupt_vector();
+        if let Some(vector) = vector {
             self.context
                 .interrupt
                 .notify_completion_queue(self.cq.id(), vector);
         }
+        self.latency.batch_ended(vector.is_some());
     }
 
     fn in_flight_requests(&self, requests: &mut Vec<u32>) {
@@ -605,5 +644,6 @@ impl Drop for IoSubmissionQueueHandler {
     fn drop(&mut self) {
         let in_flight = self.requests.iter().filter(|request| request.busy).count();
         self.cq.release(in_flight as u32);
+        self.latency.queue().abandon(in_flight as u32);
     }
 }

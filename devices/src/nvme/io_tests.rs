@@ -16,6 +16,7 @@ use super::registers::*;
 use super::testing::*;
 use super::{ControllerConfig, NamespaceConfig, NvmeConfigError, Status};
 use crate::io::BlockBackend;
+use crate::latency::{assert_only_the_backend_phase_is_slow, Phase, QueueLatency};
 
 const BLOCK: u64 = 512;
 /// Guest buffers for I/O data, away from queues (0x10_0000..) and the admin data buffer.
@@ -804,4 +805,59 @@ fn queue_history_keeps_the_counts_of_deleted_queues() {
     }
     let history = driver.controller.io_queue_history();
     assert_eq!((history[0].sq_id, history[0].commands), (1, 5));
+}
+
+/// The timing of I/O SQ `sq`.
+fn sq_latency(driver: &TestDriver, sq: u16) -> Arc<QueueLatency> {
+    driver
+        .controller
+        .io_queue_latency()
+        .find(|(id, _)| *id == sq)
+        .map(|(_, latency)| latency.clone())
+        .expect("an SQ id the controller offers")
+}
+
+#[test]
+fn every_command_leaves_one_sample_in_each_phase() {
+    let mut driver = with_queue_pair(config_with(vec![null_namespace(1 << 16, 1)]));
+    for lba in 0..25 {
+        let cqe = driver.io(1, 1, rw(OPC_READ, 1, lba, 1, READ_BUFFER, 0).build());
+        assert_eq!(cqe.status, Status::SUCCESS);
+    }
+    // Refused while parsing: still one sample each.
+    for _ in 0..2 {
+        let cqe = driver.io(1, 1, command(0x7F).nsid(1).build());
+        assert_eq!(cqe.status, Status::INVALID_OPCODE);
+    }
+    let latency = sq_latency(&driver, 1);
+    let counts = latency.counts();
+    assert_eq!(counts.requests, 27);
+    assert_eq!(counts.notifications, 27, "one MMIO doorbell each");
+    assert_eq!(counts.in_flight, 0);
+    let histograms = latency.histograms().expect("timed commands");
+    for phase in Phase::ALL {
+        assert_eq!(histograms[phase.index()].len(), 27, "{phase:?}");
+    }
+    // Deleting and creating the SQ again keeps adding to the same SQ id's numbers.
+    assert_eq!(driver.delete_sq(1), Status::SUCCESS);
+    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
+    driver.io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build());
+    assert_eq!(sq_latency(&driver, 1).counts().requests, 28);
+    assert_eq!(sq_latency(&driver, 2).counts().requests, 0);
+}
+
+#[test]
+fn injected_backend_latency_shows_in_the_nvme_backend_phase_only() {
+    const LATENCY_NS: u64 = 1_000_000;
+    let slow = Arc::new(BlockBackend::null(
+        1 << 20,
+        Some(Duration::from_nanos(LATENCY_NS)),
+    ));
+    let mut driver = with_queue_pair(config_with(vec![NamespaceConfig::with_seed(slow, 1)]));
+    for lba in 0..30 {
+        let cqe = driver.io(1, 1, rw(OPC_READ, 1, lba, 8, READ_BUFFER, 0).build());
+        assert_eq!(cqe.status, Status::SUCCESS);
+    }
+    let histograms = sq_latency(&driver, 1).histograms().expect("timed");
+    assert_only_the_backend_phase_is_slow(&histograms, LATENCY_NS);
 }

@@ -36,6 +36,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::io::backend::MAX_IO_BUFFERS;
 use crate::io::{BlockBackend, IoPool, QueueRegistration};
+use crate::latency::QueueLatency;
 use admin::{AsyncEvents, Features};
 use io_queue::{IoCompletionQueue, IoQueueStats, IoSubmissionQueueShared};
 use nvm::{IoContext, Namespace};
@@ -380,6 +381,8 @@ pub struct NvmeController {
     admin_completions_to_signal: bool,
     /// Shadow doorbells of the I/O queues (Doorbell Buffer Config), forgotten at reset.
     doorbell_buffers: Option<DoorbellBuffers>,
+    /// Timing and counts per I/O SQ id (index 0 unused), kept across queue deletions.
+    io_queue_latency: Vec<Arc<QueueLatency>>,
 }
 
 impl NvmeController {
@@ -419,6 +422,7 @@ impl NvmeController {
             counters: NvmeCounters::default(),
             admin_completions_to_signal: false,
             doorbell_buffers: None,
+            io_queue_latency: (0..slots).map(|_| Arc::new(QueueLatency::new())).collect(),
             config,
             memory,
             pool,
@@ -438,6 +442,11 @@ impl NvmeController {
                 .load(Ordering::Relaxed),
             ..self.counters
         }
+    }
+
+    /// Timing and counts of every I/O SQ id the controller offers, live or not.
+    pub fn io_queue_latency(&self) -> impl Iterator<Item = (u16, &Arc<QueueLatency>)> {
+        (1u16..).zip(self.io_queue_latency.iter().skip(1))
     }
 
     /// The buffers of the last successful Doorbell Buffer Config, until a reset.

@@ -34,6 +34,7 @@ use super::{
 };
 use crate::io::backend::MAX_WRITE_ZEROES_BYTES;
 use crate::io::{BlockBackend, IoPool, QueueRegistration};
+use crate::latency::QueueLatency;
 
 /// virtio-blk feature bits (virtio 1.2, 5.2.3).
 pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
@@ -213,6 +214,8 @@ struct BlockShared {
     limits: DiskLimits,
     seg_max: u32,
     counters: BlockCounters,
+    /// Per queue index: timing and counts that outlive device resets.
+    latency: Vec<Arc<QueueLatency>>,
 }
 
 /// A virtio-blk disk.
@@ -303,6 +306,9 @@ impl Block {
                 limits,
                 seg_max,
                 counters: BlockCounters::default(),
+                latency: (0..num_queues)
+                    .map(|_| Arc::new(QueueLatency::new()))
+                    .collect(),
             }),
             num_queues,
             queue_size,
@@ -315,6 +321,11 @@ impl Block {
 
     pub fn counters(&self) -> &BlockCounters {
         &self.shared.counters
+    }
+
+    /// Timing and counts of each queue, by queue index.
+    pub fn queue_latency(&self) -> &[Arc<QueueLatency>] {
+        &self.shared.latency
     }
 
     /// Capacity in 512-byte sectors.

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{collect_chain, parse, status_address, Parsed, RequestError, VIRTIO_BLK_S_OK};
 use super::BlockShared;
 use crate::io::{BlockIo, BlockIoKind, IoSubmitter, QueueHandler, Submitted};
+use crate::latency::{LatencyRecorder, RequestTimes};
 use crate::virtio::VirtioInterrupt;
 
 /// A request handed to the backend and not finished yet. Slots are reused, never freed, so a
@@ -26,6 +27,7 @@ struct RequestSlot {
     /// Bytes the device writes into the guest's data buffers on success.
     data_written: u32,
     io: BlockIo,
+    times: RequestTimes,
 }
 
 pub(super) struct BlockQueue {
@@ -47,6 +49,10 @@ pub(super) struct BlockQueue {
     stalled: bool,
     /// Used entries added since the last interrupt decision.
     used_pending: bool,
+    latency: LatencyRecorder,
+    /// When the current pass over the avail ring began: the requests it pops were notified
+    /// then (or earlier, unseen: with ioeventfd the guest's write itself is not observable).
+    pass_started: u64,
 }
 
 impl BlockQueue {
@@ -64,6 +70,7 @@ impl BlockQueue {
         let free = (0..size as u32).rev().collect();
         // Indirect tables may be longer than the queue; a Linux request needs seg_max + 2.
         let max_chain_descriptors = size.max(device.seg_max as usize + 2);
+        let latency = LatencyRecorder::new(device.latency[usize::from(index)].clone());
         BlockQueue {
             index,
             queue,
@@ -77,6 +84,8 @@ impl BlockQueue {
             max_chain_descriptors,
             stalled: false,
             used_pending: false,
+            latency,
+            pass_started: 0,
         }
     }
 
@@ -92,6 +101,7 @@ impl BlockQueue {
         let device = self.device.clone();
         let counters = &device.counters;
         let mut budget = self.requests.len();
+        self.pass_started = self.latency.stamp();
         loop {
             if self.queue.disable_notification(&self.memory).is_err() {
                 counters.used_ring_errors.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +118,7 @@ impl BlockQueue {
                 };
                 budget -= 1;
                 popped_any = true;
+                self.latency.fetched();
                 let head = chain.head_index();
                 let walked =
                     collect_chain(chain, &mut self.descriptors, self.max_chain_descriptors);
@@ -141,16 +152,20 @@ impl BlockQueue {
         walked: Result<(), RequestError>,
         io: &mut IoSubmitter<'_>,
     ) {
+        let mut times = RequestTimes {
+            notified: self.pass_started,
+            ..RequestTimes::default()
+        };
         if let Err(error) = walked {
             // Without a proper end there is no status byte to trust.
-            return self.finish(head, None, Err(error));
+            return self.finish_unsubmitted(head, None, Err(error), times);
         }
         let Some(status) = status_address(&self.memory, &self.descriptors) else {
-            return self.finish(head, None, Err(RequestError::MissingStatus));
+            return self.finish_unsubmitted(head, None, Err(RequestError::MissingStatus), times);
         };
         let Some(slot_index) = self.free.pop() else {
             // drain_available only pops with a free slot.
-            return self.finish(head, Some(status), Err(RequestError::BadChain));
+            return self.finish_unsubmitted(head, Some(status), Err(RequestError::BadChain), times);
         };
         let device = &self.device;
         let slot = &mut self.requests[slot_index as usize];
@@ -165,33 +180,50 @@ impl BlockQueue {
             Ok(Parsed::Backend { data_written }) => data_written,
             Ok(Parsed::Answered { data_written }) => {
                 self.free.push(slot_index);
-                return self.finish(head, Some(status), Ok(data_written));
+                return self.finish_unsubmitted(head, Some(status), Ok(data_written), times);
             }
             Err(error) => {
                 self.free.push(slot_index);
-                return self.finish(head, Some(status), Err(error));
+                return self.finish_unsubmitted(head, Some(status), Err(error), times);
             }
         };
+        times.parsed = self.latency.stamp();
         // SAFETY: `slot.io` stays in `self.requests` untouched until the backend reports it
         // done (the slot is busy until then); its buffers are guest memory, mapped as long as
         // `self.memory` lives, i.e. as long as this handler, which the pool drops only after
         // the last completion of this queue.
         let submitted = unsafe { device.backend.submit(slot_index, &mut slot.io, io) };
+        times.submitted = self.latency.stamp();
         match submitted {
             Submitted::Pending => {
                 slot.busy = true;
                 slot.head = head;
                 slot.status = Some(status);
                 slot.data_written = data_written;
+                slot.times = times;
             }
             Submitted::Done(result) => {
+                times.completed = times.submitted;
                 let kind = slot.io.kind();
                 let len = slot.io.len();
                 self.free.push(slot_index);
                 let outcome = self.account(kind, len, data_written, result);
-                self.finish(head, Some(status), outcome);
+                self.finish(head, Some(status), outcome, times);
             }
         }
+    }
+
+    /// Finishes a request that never reached the backend.
+    fn finish_unsubmitted(
+        &mut self,
+        head: u16,
+        status: Option<GuestAddress>,
+        outcome: Result<u32, RequestError>,
+        mut times: RequestTimes,
+    ) {
+        times.parsed = self.latency.stamp();
+        times.answered_at_parse();
+        self.finish(head, status, outcome, times);
     }
 
     /// Turns a backend result into the request outcome, counting bytes moved.
@@ -222,6 +254,7 @@ impl BlockQueue {
         head: u16,
         status: Option<GuestAddress>,
         outcome: Result<u32, RequestError>,
+        times: RequestTimes,
     ) {
         let counters = &self.device.counters;
         let (status_byte, data_written) = match outcome {
@@ -238,10 +271,14 @@ impl BlockQueue {
             _ => 0,
         };
         match self.queue.add_used(&self.memory, head, used_len) {
-            Ok(()) => self.used_pending = true,
+            Ok(()) => {
+                self.used_pending = true;
+                self.latency.published(times);
+            }
             // A head index beyond the queue: nothing can be returned to the driver.
             Err(_) => {
                 counters.used_ring_errors.fetch_add(1, Ordering::Relaxed);
+                self.latency.abandoned();
             }
         }
     }
@@ -257,6 +294,7 @@ impl QueueHandler for BlockQueue {
             .counters
             .queue_notifications
             .fetch_add(1, Ordering::Relaxed);
+        self.latency.queue().count_notification();
         if !self.stalled {
             self.drain_available(io);
         }
@@ -282,11 +320,12 @@ impl QueueHandler for BlockQueue {
             return;
         };
         slot.busy = false;
+        slot.times.completed = self.latency.stamp();
         let (head, status, data_written) = (slot.head, slot.status, slot.data_written);
-        let (kind, len) = (slot.io.kind(), slot.io.len());
+        let (kind, len, times) = (slot.io.kind(), slot.io.len(), slot.times);
         self.free.push(request);
         let outcome = self.account(kind, len, data_written, result);
-        self.finish(head, status, outcome);
+        self.finish(head, status, outcome, times);
         if self.stalled {
             self.stalled = false;
             self.drain_available(io);
@@ -299,7 +338,8 @@ impl QueueHandler for BlockQueue {
         }
         let counters = &self.device.counters;
         // On a used-ring read error, err on the side of an interrupt.
-        if self.queue.needs_notification(&self.memory).unwrap_or(true) {
+        let interrupted = self.queue.needs_notification(&self.memory).unwrap_or(true);
+        if interrupted {
             self.interrupt.notify_queue(self.index);
             counters.interrupts.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -307,6 +347,7 @@ impl QueueHandler for BlockQueue {
                 .interrupts_suppressed
                 .fetch_add(1, Ordering::Relaxed);
         }
+        self.latency.batch_ended(interrupted);
     }
 
     fn in_flight_requests(&self, requests: &mut Vec<u32>) {
@@ -316,5 +357,14 @@ impl QueueHandler for BlockQueue {
                 .filter(|(_, slot)| slot.busy)
                 .map(|(index, _)| index),
         );
+    }
+}
+
+impl Drop for BlockQueue {
+    /// The queue was removed (device reset) with requests at the backend: they will never be
+    /// published, so they leave the in-flight depth.
+    fn drop(&mut self) {
+        let busy = self.requests.iter().filter(|slot| slot.busy).count();
+        self.latency.queue().abandon(busy as u32);
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::latency::{assert_only_the_backend_phase_is_slow, Phase};
 use crate::virtio::testing::{Buffer, FakeInterrupt, TestQueue, UsedElement};
 
 const REGION_BYTES: u64 = 64 << 20;
@@ -1299,4 +1300,90 @@ fn stress(pool: Arc<IoPool>, label: &str) {
          {cycles} reset/activate cycles alongside",
         DEVICES * usize::from(QUEUES)
     );
+}
+
+/// Histogram sample counts of queue 0, by phase.
+fn phase_counts(harness: &Harness) -> Vec<(Phase, u64)> {
+    let histograms = harness.block.queue_latency()[0]
+        .histograms()
+        .expect("timed requests");
+    Phase::ALL
+        .iter()
+        .map(|&phase| (phase, histograms[phase.index()].len()))
+        .collect()
+}
+
+#[test]
+fn every_request_leaves_one_sample_in_each_phase_it_went_through() {
+    const READS: u32 = 40;
+    let mut harness = Harness::new(BlockBackend::null(1 << 20, None), Options::default());
+    for sector in 0..READS {
+        assert_eq!(harness.read(u64::from(sector), 512).0, VIRTIO_BLK_S_OK);
+    }
+    // Refused at parse: they count too, with empty submit and backend phases.
+    for _ in 0..3 {
+        let (_, status, _) = harness.request(0, 0xdead, 0, None);
+        assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
+    }
+    let requests = u64::from(READS) + 3;
+    let latency = &harness.block.queue_latency()[0];
+    let counts = latency.counts();
+    assert_eq!(counts.requests, requests);
+    // One per kick, plus the pool's first look at a queue it starts serving unless that
+    // merged with the first kick.
+    assert!(
+        (requests..=requests + 1).contains(&counts.notifications),
+        "{} notifications",
+        counts.notifications
+    );
+    assert_eq!(counts.in_flight, 0);
+    assert_eq!(counts.interrupts, harness.interrupt.count(0));
+    for (phase, count) in phase_counts(&harness) {
+        // Without EVENT_IDX every batch interrupts: the interrupt phase has them all too.
+        assert_eq!(count, requests, "{phase:?}");
+    }
+
+    // With EVENT_IDX the driver asks for one interrupt per 8 completions: the others end at
+    // their publication and add no interrupt sample.
+    let mut harness = Harness::new(
+        BlockBackend::null(1 << 20, None),
+        Options {
+            event_idx: true,
+            ..Options::default()
+        },
+    );
+    harness.queues[0].set_used_event(7);
+    for _ in 0..8 {
+        let area = harness.area(0);
+        let (header, status) = harness.header(area, VIRTIO_BLK_T_FLUSH, 0);
+        let q = &mut harness.queues[0];
+        let head = q.add_chain(&[header, status]);
+        q.publish(head);
+        q.kick_if_needed();
+        q.wait_used(1, WAIT);
+    }
+    let counts: Vec<(Phase, u64)> = phase_counts(&harness);
+    for (phase, count) in counts {
+        let want = if phase == Phase::Interrupt { 1 } else { 8 };
+        assert_eq!(count, want, "{phase:?}");
+    }
+    let counts = harness.block.queue_latency()[0].counts();
+    assert_eq!((counts.interrupts, counts.interrupts_suppressed), (1, 7));
+    assert_eq!(counts.interrupts_coalesced(), 7);
+}
+
+#[test]
+fn injected_backend_latency_shows_in_the_backend_phase_only() {
+    const LATENCY_NS: u64 = 1_000_000;
+    let mut harness = Harness::new(
+        BlockBackend::null(1 << 20, Some(Duration::from_nanos(LATENCY_NS))),
+        Options::default(),
+    );
+    for sector in 0..30 {
+        assert_eq!(harness.read(sector, 4096).0, VIRTIO_BLK_S_OK);
+    }
+    let histograms = harness.block.queue_latency()[0]
+        .histograms()
+        .expect("timed requests");
+    assert_only_the_backend_phase_is_slow(&histograms, LATENCY_NS);
 }
