@@ -13,5 +13,5 @@ pub mod routing;
 
 pub use intx::{IntxLine, IntxResampler, IntxSource, KvmIntxOps};
 pub use line::{IrqLine, LineTrigger};
-pub use msi::{MsiMessage, MsiVector};
+pub use msi::{MsiMessage, MsiPath, MsiVector};
 pub use routing::{GsiRouter, KvmIrqOps, KvmMsiVector};

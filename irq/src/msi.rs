@@ -38,6 +38,16 @@ impl MsiMessage {
     }
 }
 
+/// How an interrupt reached KVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsiPath {
+    /// An irqfd write on the vector's GSI route.
+    Irqfd,
+    /// KVM_SIGNAL_MSI: the vector has no route (past the route budget) or its route is not
+    /// committed yet.
+    SignalMsi,
+}
+
 /// The delivery path of one MSI-X vector into the VM.
 pub trait MsiVector: Send + Sync {
     /// The guest enabled and unmasked the vector with `message` (Some), or masked or disabled
@@ -48,8 +58,9 @@ pub trait MsiVector: Send + Sync {
     /// [`inject`]: MsiVector::inject
     fn configure(&self, message: Option<MsiMessage>) -> io::Result<()>;
 
-    /// Delivers the interrupt now. Only called while the vector is configured and unmasked.
-    fn inject(&self) -> io::Result<()>;
+    /// Delivers the interrupt now, returning the path it took. Only called while the vector
+    /// is configured and unmasked.
+    fn inject(&self) -> io::Result<MsiPath>;
 }
 
 #[cfg(test)]

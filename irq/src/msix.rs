@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::msi::{MsiMessage, MsiVector};
+use crate::msi::{MsiMessage, MsiPath, MsiVector};
 
 /// Bytes per MSI-X table entry: address low, address high, data, vector control.
 pub const MSIX_TABLE_ENTRY_SIZE: u64 = 16;
@@ -76,11 +76,27 @@ pub struct MsixVectorState {
 }
 
 /// One vector in a [`MsixSnapshot`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MsixVectorSnapshot {
     pub state: MsixVectorState,
     /// Interrupts this vector delivered, including pending bits delivered on unmask.
     pub injected: u64,
+    /// The part of `injected` that went through an irqfd; the rest used KVM_SIGNAL_MSI.
+    pub through_irqfd: u64,
+    /// Signals that found the vector masked (or MSI-X function-masked) and left it pending.
+    pub pended: u64,
+    /// `injected` by destination APIC id (the message the guest wrote when each was sent),
+    /// in order of first use.
+    pub by_destination: Vec<(u32, u64)>,
+}
+
+/// Delivery counts of one vector.
+#[derive(Debug, Clone, Default)]
+struct VectorDelivery {
+    injected: u64,
+    through_irqfd: u64,
+    pended: u64,
+    by_destination: Vec<(u32, u64)>,
 }
 
 /// The whole function as one consistent picture, for reports.
@@ -137,9 +153,9 @@ struct MsixRegisters {
     /// comparing against it keeps `configure` calls to real changes.
     configured: Box<[Option<MsiMessage>]>,
     counters: MsixCounters,
-    /// Per-vector share of `counters.injected`: reports show which vector (and so which
-    /// queue and vCPU) carried the interrupts.
-    injected_per_vector: Box<[u64]>,
+    /// Per-vector shares of the counters: reports show which vector (and so which queue and
+    /// vCPU) carried the interrupts.
+    per_vector: Box<[VectorDelivery]>,
 }
 
 impl MsixRegisters {
@@ -192,7 +208,7 @@ impl Msix {
                 pending: vec![0; count.div_ceil(PBA_BITS_PER_QWORD)].into_boxed_slice(),
                 configured: vec![None; count].into_boxed_slice(),
                 counters: MsixCounters::default(),
-                injected_per_vector: vec![0; count].into_boxed_slice(),
+                per_vector: vec![VectorDelivery::default(); count].into_boxed_slice(),
             }),
         })
     }
@@ -249,6 +265,9 @@ impl Msix {
         } else if !regs.is_live(index) {
             regs.set_pending(index, true);
             regs.counters.pended += 1;
+            if let Some(delivery) = regs.per_vector.get_mut(index) {
+                delivery.pended += 1;
+            }
         } else {
             self.inject(&mut regs, index);
         }
@@ -352,9 +371,13 @@ impl Msix {
         let regs = self.lock();
         let vectors = (0..regs.entries.len())
             .filter_map(|index| {
+                let delivery = regs.per_vector.get(index)?;
                 Some(MsixVectorSnapshot {
                     state: Self::vector_state_locked(&regs, index)?,
-                    injected: regs.injected_per_vector.get(index).copied().unwrap_or(0),
+                    injected: delivery.injected,
+                    through_irqfd: delivery.through_irqfd,
+                    pended: delivery.pended,
+                    by_destination: delivery.by_destination.clone(),
                 })
             })
             .collect();
@@ -430,11 +453,31 @@ impl Msix {
             regs.counters.dropped_unroutable += 1;
             return;
         };
+        let destination = regs
+            .configured
+            .get(index)
+            .copied()
+            .flatten()
+            .map(|message| message.destination_apic_id());
         match vector.inject() {
-            Ok(()) => {
+            Ok(path) => {
                 regs.counters.injected += 1;
-                if let Some(count) = regs.injected_per_vector.get_mut(index) {
-                    *count += 1;
+                let Some(delivery) = regs.per_vector.get_mut(index) else {
+                    return;
+                };
+                delivery.injected += 1;
+                if path == MsiPath::Irqfd {
+                    delivery.through_irqfd += 1;
+                }
+                if let Some(destination) = destination {
+                    match delivery
+                        .by_destination
+                        .iter_mut()
+                        .find(|(apic_id, _)| *apic_id == destination)
+                    {
+                        Some((_, count)) => *count += 1,
+                        None => delivery.by_destination.push((destination, 1)),
+                    }
                 }
             }
             Err(_) => regs.counters.delivery_errors += 1,
@@ -493,12 +536,12 @@ mod tests {
             self.events.lock().unwrap().push(Event::Configure(message));
             Ok(())
         }
-        fn inject(&self) -> io::Result<()> {
+        fn inject(&self) -> io::Result<MsiPath> {
             if !self.configured.load(Ordering::SeqCst) {
                 self.inject_while_unconfigured.store(true, Ordering::SeqCst);
             }
             self.events.lock().unwrap().push(Event::Inject);
-            Ok(())
+            Ok(MsiPath::Irqfd)
         }
     }
 
@@ -705,10 +748,19 @@ mod tests {
         assert_eq!(snapshot.vectors[2].state, msix.vector_state(2).unwrap());
         assert_eq!(snapshot.vectors[2].state.message.destination_apic_id(), 2);
         assert!(snapshot.vectors[0].state.masked && !snapshot.vectors[0].state.live);
+        assert_eq!(snapshot.vectors[2].pended, 1, "signalled while masked");
+        assert_eq!(snapshot.vectors[1].pended, 0);
+        assert_eq!(snapshot.vectors[1].through_irqfd, 2);
+        assert_eq!(snapshot.vectors[1].by_destination, [(1, 2)]);
+        assert_eq!(snapshot.vectors[2].by_destination, [(2, 1)]);
+        // The guest moves vector 1 to APIC 3 (as irqbalance does): counted per destination.
+        program(&msix, 1, 0xfee0_3000, DATA);
+        msix.signal(1);
+        assert_eq!(msix.snapshot().vectors[1].by_destination, [(1, 2), (3, 1)]);
         msix.reset();
         assert_eq!(
             msix.snapshot().vectors[1].injected,
-            2,
+            3,
             "counts survive a reset"
         );
     }

@@ -20,7 +20,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::msi::{MsiMessage, MsiVector};
+use crate::msi::{MsiMessage, MsiPath, MsiVector};
 
 /// KVM's limit on routing-table entries per VM (KVM_MAX_IRQ_ROUTES).
 pub const KVM_MAX_ROUTES: usize = kvm_bindings::KVM_MAX_IRQ_ROUTES;
@@ -304,29 +304,35 @@ impl MsiVector for KvmMsiVector {
         Ok(())
     }
 
-    fn inject(&self) -> io::Result<()> {
+    fn inject(&self) -> io::Result<MsiPath> {
         let state = lock(&self.state);
         let Some(message) = state.message else {
-            return Ok(());
+            return Ok(MsiPath::SignalMsi);
         };
         let stats = &self.router.stats;
         let result = match state.gsi {
             Some(_) => {
                 if self.router.is_committed(state.generation) || self.router.commit().is_ok() {
                     stats.irqfd_injections.fetch_add(1, Ordering::Relaxed);
-                    self.irqfd.write(1)
+                    self.irqfd.write(1).map(|()| MsiPath::Irqfd)
                 } else {
                     // KVM does not have this vector's route yet, so an irqfd write would be
                     // dropped; the guest waits for this interrupt forever. Deliver it directly
                     // and retry the commit on the next injection.
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     stats.signal_msi_injections.fetch_add(1, Ordering::Relaxed);
-                    self.router.ops.signal_msi(message)
+                    self.router
+                        .ops
+                        .signal_msi(message)
+                        .map(|()| MsiPath::SignalMsi)
                 }
             }
             None => {
                 stats.signal_msi_injections.fetch_add(1, Ordering::Relaxed);
-                self.router.ops.signal_msi(message)
+                self.router
+                    .ops
+                    .signal_msi(message)
+                    .map(|()| MsiPath::SignalMsi)
             }
         };
         if result.is_err() {

@@ -806,7 +806,7 @@ mod tests {
         VIRTIO_ID_BLOCK,
     };
     use irq::msix::{MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_TABLE_ENTRY_SIZE};
-    use irq::{MsiMessage, MsiVector};
+    use irq::{MsiMessage, MsiPath, MsiVector};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
@@ -878,9 +878,9 @@ mod tests {
         fn configure(&self, _message: Option<MsiMessage>) -> io::Result<()> {
             Ok(())
         }
-        fn inject(&self) -> io::Result<()> {
+        fn inject(&self) -> io::Result<MsiPath> {
             self.injects.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            Ok(MsiPath::Irqfd)
         }
     }
 

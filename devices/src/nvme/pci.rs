@@ -277,9 +277,9 @@ mod tests {
         fn configure(&self, _message: Option<MsiMessage>) -> std::io::Result<()> {
             Ok(())
         }
-        fn inject(&self) -> std::io::Result<()> {
+        fn inject(&self) -> std::io::Result<irq::MsiPath> {
             self.injects.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            Ok(irq::MsiPath::Irqfd)
         }
     }
 

@@ -1207,9 +1207,9 @@ mod tests {
             *self.configured.lock().unwrap() = message;
             Ok(())
         }
-        fn inject(&self) -> io::Result<()> {
+        fn inject(&self) -> io::Result<irq::MsiPath> {
             self.injects.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            Ok(irq::MsiPath::Irqfd)
         }
     }
 
