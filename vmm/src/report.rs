@@ -10,7 +10,7 @@
 //! from the host, so such a disk counts as per-queue.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, LineWriter, Write};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
@@ -522,7 +522,7 @@ pub fn spawn_probe_monitor(
     spawn_monitor(
         functions,
         vcpus,
-        Box::new(io::stderr()),
+        Box::new(LineWriter::new(io::stderr())),
         MonitorTiming {
             poll: POLL_INTERVAL,
             min_gap: MIN_PROGRESS_GAP,
@@ -684,7 +684,7 @@ pub fn print_nvme_report(functions: &[NvmeFunction]) {
 /// The stall report's lines (vCPU states, queues with requests in flight) on stderr, for a
 /// run ended from outside, e.g. by a harness timeout.
 pub fn print_hang_report(functions: &[VirtioFunction], vcpus: &VcpuActivity) {
-    let mut out: Box<dyn Write + Send> = Box::new(io::stderr());
+    let mut out: Box<dyn Write + Send> = Box::new(LineWriter::new(io::stderr()));
     report_stall(functions, vcpus, &mut out, Duration::ZERO);
     let _ = out.flush();
 }

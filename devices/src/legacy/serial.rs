@@ -24,9 +24,62 @@ impl<L: LineTrigger> Trigger for UartIrq<L> {
     }
 }
 
-/// The guest console: what the guest writes to COM1 goes to `out`.
+/// Holds the guest's bytes until a line is complete, then writes the line at once.
+///
+/// The UART flushes after every byte; written through as they come, a guest line could be
+/// split by a VMM report line on stderr when both reach one terminal or console (the lab's).
+/// Whole lines in single writes keep every line of both intact.
+pub struct LineBuffered<W: Write> {
+    inner: W,
+    pending: Vec<u8>,
+}
+
+/// A line longer than this goes out in pieces rather than growing the buffer.
+const MAX_PENDING_BYTES: usize = 4096;
+
+impl<W: Write> LineBuffered<W> {
+    pub fn new(inner: W) -> Self {
+        LineBuffered {
+            inner,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn inner(&self) -> &W {
+        &self.inner
+    }
+
+    /// Writes out a partial line too (at exit, or before the VMM prints a report).
+    pub fn flush_all(&mut self) -> io::Result<()> {
+        self.inner.write_all(&self.pending)?;
+        self.pending.clear();
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Write for LineBuffered<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(bytes);
+        let complete = match self.pending.iter().rposition(|&b| b == b'\n') {
+            Some(end) => end + 1,
+            None if self.pending.len() >= MAX_PENDING_BYTES => self.pending.len(),
+            None => return Ok(bytes.len()),
+        };
+        self.inner.write_all(&self.pending[..complete])?;
+        self.inner.flush()?;
+        self.pending.drain(..complete);
+        Ok(bytes.len())
+    }
+
+    /// Partial lines stay: see [`LineBuffered::flush_all`].
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The guest console: what the guest writes to COM1 goes to `out`, a line at a time.
 pub struct SerialConsole<L: LineTrigger, W: Write + Send> {
-    uart: Serial<UartIrq<L>, NoEvents, W>,
+    uart: Serial<UartIrq<L>, NoEvents, LineBuffered<W>>,
     /// Interrupt delivery failures are counted, not fatal: the console must never stop the guest.
     irq_errors: u64,
 }
@@ -34,7 +87,7 @@ pub struct SerialConsole<L: LineTrigger, W: Write + Send> {
 impl<L: LineTrigger, W: Write + Send> SerialConsole<L, W> {
     pub fn new(line: L, out: W) -> Self {
         Self {
-            uart: Serial::new(UartIrq(line), out),
+            uart: Serial::new(UartIrq(line), LineBuffered::new(out)),
             irq_errors: 0,
         }
     }
@@ -43,12 +96,13 @@ impl<L: LineTrigger, W: Write + Send> SerialConsole<L, W> {
         self.irq_errors
     }
 
+    /// Writes out everything, a partial last line included.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.uart.writer_mut().flush()
+        self.uart.writer_mut().flush_all()
     }
 
     pub fn output(&self) -> &W {
-        self.uart.writer()
+        self.uart.writer().inner()
     }
 }
 
@@ -99,6 +153,29 @@ mod tests {
             console.write(THR, &[*b]);
         }
         assert_eq!(console.output().as_slice(), b"@@guest done\n");
+    }
+
+    #[test]
+    fn a_line_goes_out_whole_and_a_partial_one_at_flush() {
+        let mut console = SerialConsole::new(CountingLine::default(), Vec::new());
+        for b in b"login: " {
+            console.write(THR, &[*b]);
+        }
+        assert!(console.output().is_empty(), "held until the line ends");
+        for b in b"x\ny" {
+            console.write(THR, &[*b]);
+        }
+        assert_eq!(console.output().as_slice(), b"login: x\n");
+        console.flush().unwrap();
+        assert_eq!(console.output().as_slice(), b"login: x\ny");
+        // A line without end goes out once the buffer is full.
+        for _ in 0..MAX_PENDING_BYTES {
+            console.write(THR, b"z");
+        }
+        assert_eq!(
+            console.output().len(),
+            b"login: x\ny".len() + MAX_PENDING_BYTES
+        );
     }
 
     #[test]
