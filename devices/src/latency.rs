@@ -245,11 +245,11 @@ impl QueueLatency {
     /// One sampler tick. Queues that never had a request keep no series.
     pub fn sample_in_flight(&self) {
         let depth = self.in_flight.load(Ordering::Relaxed);
-        let mut series = lock(&self.series);
-        if series.stride == 0 && depth == 0 && self.requests.load(Ordering::Relaxed) == 0 {
+        // Without a request ever, no series was started: no lock for idle queues.
+        if depth == 0 && self.requests.load(Ordering::Relaxed) == 0 {
             return;
         }
-        series.tick(depth);
+        lock(&self.series).tick(depth);
     }
 
     pub fn count_notification(&self) {

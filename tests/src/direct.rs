@@ -63,12 +63,19 @@ pub(crate) fn run_one(
     bin: Option<&Path>,
     verbose: bool,
 ) -> Result<GuestOutcome, HarnessError> {
+    let report_dir = std::env::temp_dir()
+        .join(format!("blkswarm-reports-{}", std::process::id()))
+        .join(&spec.name);
     let argv = match bin {
-        Some(bin) => spec.argv(
-            &bin.to_string_lossy(),
-            &paths.guest_kernel().to_string_lossy(),
-            &paths.guest_initramfs().to_string_lossy(),
-        ),
+        Some(bin) => {
+            let mut argv = spec.argv(
+                &bin.to_string_lossy(),
+                &paths.guest_kernel().to_string_lossy(),
+                &paths.guest_initramfs().to_string_lossy(),
+            );
+            argv.extend(["--report".to_string(), report_dir.display().to_string()]);
+            argv
+        }
         None => spec.argv("", "", ""),
     };
     let tag = format!("[{}] ", spec.name);
@@ -150,6 +157,10 @@ pub(crate) fn run_one(
     out.results = collected.results;
     out.vmm = collected.vmm;
     out.done = collected.done;
+    if bin.is_some() {
+        out.report = std::fs::read_to_string(report_dir.join("report.json")).ok();
+        let _ = std::fs::remove_dir_all(&report_dir);
+    }
     if let Some(reason) = out.lost.take() {
         let lost = format!("{reason}\n{}", out.describe_tail());
         eprintln!(

@@ -28,6 +28,9 @@ pub const LAB_BIN: &str = "/lab/blkswarm";
 pub const LAB_KERNEL: &str = "/lab/guest/vmlinuz";
 pub const LAB_INITRAMFS: &str = "/lab/guest/initramfs.cpio.gz";
 pub const LAB_PLAN: &str = "/lab/plan.sh";
+/// blkswarm writes each guest's measurement report under here (`--report DIR/NAME`); the
+/// plan sends it back over the console as `@@lab report name=NAME json=...`.
+pub const LAB_REPORTS: &str = "/tmp/blkswarm-reports";
 
 /// The L1 kernel command line.
 pub const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -76,10 +79,15 @@ pub fn plan_script(specs: &[GuestSpec]) -> String {
          if command -v timeout >/dev/null 2>&1; then HARNESS_TIMEOUT=1; else HARNESS_TIMEOUT=\n\
          \x20   echo '[plan] no timeout command in L1: guests run without a time limit inside L1'\n\
          fi\n\
-         limit() { case \"$(type \"$1\" 2>/dev/null)\" in *function*) return 1 ;; esac; [ -n \"$HARNESS_TIMEOUT\" ]; }\n",
+         limit() { case \"$(type \"$1\" 2>/dev/null)\" in *function*) return 1 ;; esac; [ -n \"$HARNESS_TIMEOUT\" ]; }\n\
+         emit_report() { [ -f \"$2/report.json\" ] || return 0; printf '@@lab report name=%s json=' \"$1\"; cat \"$2/report.json\"; echo; }\n",
     );
     for spec in specs {
-        let argv = spec.argv(LAB_BIN, LAB_KERNEL, LAB_INITRAMFS);
+        let mut argv = spec.argv(LAB_BIN, LAB_KERNEL, LAB_INITRAMFS);
+        let report_dir = format!("{LAB_REPORTS}/{}", spec.name);
+        if spec.uses_vmm() {
+            argv.extend(["--report".to_string(), report_dir.clone()]);
+        }
         let name = shell::quote(&spec.name);
         let cmd = shell::join(&argv);
         let first = shell::quote(argv.first().map_or("", String::as_str));
@@ -91,6 +99,12 @@ pub fn plan_script(specs: &[GuestSpec]) -> String {
              fi\n",
             timeout_secs(spec.timeout)
         ));
+        if spec.uses_vmm() {
+            s.push_str(&format!(
+                "emit_report {name} {}\n",
+                shell::quote(&report_dir)
+            ));
+        }
     }
     s
 }
@@ -305,6 +319,11 @@ impl LabParser {
     }
 
     fn feed_clean(&mut self, line: &str, now_ms: u64) {
+        if let Some((head, json)) = line.split_once(" json=").filter(|(head, _)| {
+            parse::tagged(head, parse::LAB).is_some_and(|body| body.starts_with("report "))
+        }) {
+            return self.report(head, json);
+        }
         self.console.push_str(line);
         self.console.push('\n');
         let Some(body) = parse::tagged(line, parse::LAB) else {
@@ -369,6 +388,21 @@ impl LabParser {
                 }
             },
             _ => {}
+        }
+    }
+
+    /// `@@lab report name=NAME json=...`: the JSON goes to the outcome, not the console.
+    fn report(&mut self, head: &str, json: &str) {
+        let name = head
+            .rsplit_once("name=")
+            .map_or("", |(_, name)| name.trim());
+        self.note(&format!(
+            "@@lab report name={name} ({} bytes of JSON)",
+            json.len()
+        ));
+        match self.index.get(name) {
+            Some(&i) => self.outcomes[i].report = Some(json.to_string()),
+            None => self.note(&format!("[harness] report for unknown guest {name:?}")),
         }
     }
 
@@ -584,7 +618,13 @@ pub fn run(
         match result {
             Ok(Some(line)) => {
                 if cfg.verbose {
-                    eprintln!("[lab] {}", parse::clean_line(&line));
+                    let clean = parse::clean_line(&line);
+                    match clean.split_once(" json=") {
+                        Some((head, json)) if head.starts_with("@@lab report ") => {
+                            eprintln!("[lab] {head} ({} bytes of JSON)", json.len())
+                        }
+                        _ => eprintln!("[lab] {clean}"),
+                    }
                 }
                 let was_ready = parser.ready_ms.is_some();
                 parser.feed(&line, ms());
@@ -738,8 +778,11 @@ mod tests {
             "run_guest a timeout -s TERM -k 10 90 /lab/blkswarm --kernel /lab/guest/vmlinuz \
              --initramfs /lab/guest/initramfs.cpio.gz --cmdline \
              'console=ttyS0 quiet panic=-1 blkswarm.scenario=boot' --cpus boot=2,max=8 \
-             --memory size=1G\n"
+             --memory size=1G --report /tmp/blkswarm-reports/a\n"
         ));
+        // Reports come back for VMM guests only.
+        assert!(plan.contains("emit_report a /tmp/blkswarm-reports/a\n"));
+        assert!(!plan.contains("emit_report c"));
         assert!(
             plan.contains("'console=ttyS0 quiet panic=-1 blkswarm.scenario=boot x='\\''1 2'\\'''")
         );
@@ -923,6 +966,7 @@ mod tests {
              @@guest done\r\n\
              @@vmm exit reason=poweroff\r\n\
              @@lab guest-end name=one rc=0 wall_ms=8000\r\n\
+             @@lab report name=one json={\"schema\":\"x\",\"disks\":[]}\r\n\
              @@lab guest-begin name=two\r\n\
              @@guest nproc=2\r\n\
              @@guest done@@lab guest-end name=two rc=3 wall_ms=9000\r\n\
@@ -935,6 +979,12 @@ mod tests {
         assert!(p.current().is_none());
         let (o, console) = p.finish("unused", 9999);
         assert!(console.contains("SeaBIOS noise"));
+        assert_eq!(o[0].report.as_deref(), Some(r#"{"schema":"x","disks":[]}"#));
+        assert!(
+            !console.contains("\"schema\""),
+            "the JSON stays out of the console"
+        );
+        assert!(o[1].report.is_none());
         assert_eq!(o[0].exit_code, Some(0));
         assert_eq!(o[0].wall_ms, Some(8000));
         assert!(o[0].done);

@@ -270,6 +270,9 @@ pub struct GuestOutcome {
     /// Set when the guest was lost (began but never ended, or never began because the
     /// lab died or was killed) or killed by a timeout: why, plus the console tail.
     pub lost: Option<String>,
+    /// blkswarm's measurement report (`--report`), the JSON of docs/report.md, when the
+    /// VMM wrote one.
+    pub report: Option<String>,
 }
 
 /// How many console lines failure messages carry.
@@ -366,7 +369,21 @@ impl GuestOutcome {
             console: String::new(),
             done: false,
             lost: None,
+            report: None,
         }
+    }
+
+    /// The measurement report, parsed; panics (with the console tail) if there is none.
+    pub fn report_json(&self) -> serde_json::Value {
+        let text = self.report.as_deref().unwrap_or_else(|| {
+            panic!(
+                "guest '{}': no blkswarm report\n{}",
+                self.name,
+                self.describe_tail()
+            )
+        });
+        serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("guest '{}': report is not JSON: {e}", self.name))
     }
 
     /// The last value the guest printed for `key`.

@@ -113,11 +113,27 @@ pub struct VmConfig {
     /// Build the whole VM, then exit before the first guest instruction: measures the
     /// VMM's own creation cost (time, memory) without a guest.
     pub dry_run: bool,
+    /// Per-request timing (histograms); counters are kept either way.
+    pub timing: bool,
+    /// Where the measurement report (report.json and SVG plots) is written at exit.
+    pub report_dir: Option<PathBuf>,
+    /// A Unix socket answering `stats` with the report's JSON while the guest runs.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(VmConfig),
+    /// `blkswarm ctl --api-socket PATH REQUEST`: asks a running blkswarm.
+    Ctl {
+        socket: PathBuf,
+        request: String,
+    },
+    /// `blkswarm plot REPORT.json DIR`: draws a report's SVG plots.
+    Plot {
+        report: PathBuf,
+        out_dir: PathBuf,
+    },
     Help,
     Version,
 }
@@ -194,6 +210,18 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                  serial=S         serial number, up to 20 characters
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
+  --report DIR           write the measurement report at exit: DIR/report.json (schema in
+                         docs/report.md) and SVG plots (latency CDF per phase, interrupts
+                         per vCPU, in-flight requests over time)
+  --api-socket PATH      a Unix socket answering `stats` with the same JSON while the
+                         guest runs
+  --timing on|off        per-request timestamps and latency histograms (default on);
+                         counters and interrupt accounting are kept either way
+
+       blkswarm ctl --api-socket PATH stats
+                         print the JSON report of the blkswarm serving PATH
+       blkswarm plot REPORT.json DIR
+                         draw the SVG plots of a report into DIR
 
 The guest's serial console (COM1) is stdout. VMM messages go to stderr; machine-readable
 ones start with '@@vmm '. Exit status: 0 guest powered off, 1 VMM error, 2 guest reset,
@@ -212,8 +240,16 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut nvmes: Vec<NvmeConfig> = Vec::new();
     let mut io_threads = None;
     let mut dry_run = false;
+    let mut timing = true;
+    let mut report_dir = None;
+    let mut api_socket = None;
 
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    match args.peek().map(String::as_str) {
+        Some("ctl") => return parse_ctl(args.skip(1)),
+        Some("plot") => return parse_plot(args.skip(1)),
+        _ => {}
+    }
     while let Some(arg) = args.next() {
         let (name, inline_value) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
@@ -276,6 +312,13 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                 }));
             }
             "--dry-run" => dry_run = true,
+            "--report" => report_dir = Some(PathBuf::from(value()?)),
+            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--timing" => {
+                let text = value()?;
+                timing = parse_on_off(&text)
+                    .ok_or_else(|| bad_value("--timing", "", &text, "expected on or off"))?;
+            }
             "--io-threads" => {
                 let text = value()?;
                 let threads = text
@@ -298,7 +341,59 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         nvmes,
         io_threads,
         dry_run,
+        timing,
+        report_dir,
+        api_socket,
     }))
+}
+
+fn parse_on_off(text: &str) -> Option<bool> {
+    match text {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// `ctl --api-socket PATH REQUEST`.
+fn parse_ctl(mut args: impl Iterator<Item = String>) -> Result<Command, ConfigError> {
+    let mut socket = None;
+    let mut request = None;
+    while let Some(arg) = args.next() {
+        match arg.split_once('=') {
+            Some(("--api-socket", path)) => socket = Some(PathBuf::from(path)),
+            _ if arg == "--api-socket" => {
+                let path = args
+                    .next()
+                    .ok_or_else(|| ConfigError::MissingValue(arg.clone()))?;
+                socket = Some(PathBuf::from(path));
+            }
+            _ if arg.starts_with('-') => return Err(ConfigError::UnknownOption(arg)),
+            _ if request.is_none() => request = Some(arg),
+            _ => return Err(ConfigError::UnknownOption(arg)),
+        }
+    }
+    Ok(Command::Ctl {
+        socket: socket.ok_or_else(|| ConfigError::MissingValue("ctl --api-socket".into()))?,
+        request: request.ok_or_else(|| ConfigError::MissingValue("ctl REQUEST".into()))?,
+    })
+}
+
+/// `plot REPORT.json DIR`.
+fn parse_plot(mut args: impl Iterator<Item = String>) -> Result<Command, ConfigError> {
+    let report = args
+        .next()
+        .ok_or_else(|| ConfigError::MissingValue("plot REPORT.json".into()))?;
+    let out_dir = args
+        .next()
+        .ok_or_else(|| ConfigError::MissingValue("plot DIR".into()))?;
+    if let Some(extra) = args.next() {
+        return Err(ConfigError::UnknownOption(extra));
+    }
+    Ok(Command::Plot {
+        report: PathBuf::from(report),
+        out_dir: PathBuf::from(out_dir),
+    })
 }
 
 /// Splits `k1=v1,k2=v2` into pairs; a bare word is a key with an empty value.
@@ -814,6 +909,50 @@ mod tests {
         assert_eq!(config.cmdline, "console=ttyS0 quiet");
         assert_eq!(config.cpus, CpuConfig { boot: 2, max: 8 });
         assert_eq!(config.memory_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn measurement_options_and_subcommands() {
+        let config = run(&["--kernel", "/k"]);
+        assert!(config.timing);
+        assert_eq!((config.report_dir, config.api_socket), (None, None));
+        let config = run(&[
+            "--kernel",
+            "/k",
+            "--timing=off",
+            "--report",
+            "/r",
+            "--api-socket",
+            "/s",
+        ]);
+        assert!(!config.timing);
+        assert_eq!(config.report_dir, Some(PathBuf::from("/r")));
+        assert_eq!(config.api_socket, Some(PathBuf::from("/s")));
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--timing", "maybe"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert_eq!(
+            parse(&["ctl", "--api-socket", "/s", "stats"]),
+            Ok(Command::Ctl {
+                socket: PathBuf::from("/s"),
+                request: "stats".into()
+            })
+        );
+        assert_eq!(
+            parse(&["ctl", "--api-socket=/s", "stats"]),
+            parse(&["ctl", "--api-socket", "/s", "stats"])
+        );
+        assert!(parse(&["ctl", "stats"]).is_err(), "no socket");
+        assert!(parse(&["ctl", "--api-socket", "/s"]).is_err(), "no request");
+        assert_eq!(
+            parse(&["plot", "r.json", "out"]),
+            Ok(Command::Plot {
+                report: PathBuf::from("r.json"),
+                out_dir: PathBuf::from("out")
+            })
+        );
+        assert!(parse(&["plot", "r.json"]).is_err());
     }
 
     #[test]

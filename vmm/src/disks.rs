@@ -1,7 +1,7 @@
 //! Disks from the command line: backends opened, virtio-blk devices created and placed on
 //! PCI, all served by one I/O worker pool.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
@@ -11,6 +11,12 @@ use irq::intx::IntxResamplerHandle;
 
 use crate::config::{DiskBackendConfig, DiskConfig, NvmeConfig};
 use crate::pci::{NvmeFunction, PciError, PciSegment, VirtioFunction};
+use crate::stats::{DiskKind, MeasuredDisk, MeasuredQueue};
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing runs in the guest yet: a poisoned lock only means a panic elsewhere.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -87,6 +93,8 @@ pub struct Disks {
     pub nvme_functions: Vec<NvmeFunction>,
     /// The thread re-asserting INTx lines at EOI, when a disk has INTx.
     pub intx_resampler: Option<IntxResamplerHandle>,
+    /// Every disk's queue timing and MSI-X, for the measurement report.
+    pub measured: Vec<MeasuredDisk>,
 }
 
 /// The controller `nvme` describes: the `index`th of the VM, its namespaces backed by one
@@ -139,6 +147,7 @@ pub fn create_disks(
     }
     let pool = Arc::new(IoPool::new(io_threads)?);
     let mut functions = Vec::with_capacity(disks.len());
+    let mut measured = Vec::with_capacity(disks.len() + nvmes.len());
     for (index, disk) in disks.iter().enumerate() {
         let backend = open_backend(disk).map_err(|source| DiskError::Backend { index, source })?;
         let block = Block::new(
@@ -152,9 +161,22 @@ pub fn create_disks(
             pool.clone(),
         )
         .map_err(|source| DiskError::Block { index, source })?;
+        let queues = (0..)
+            .zip(block.queue_latency())
+            .map(|(queue, latency)| MeasuredQueue {
+                name: format!("q{queue}"),
+                latency: latency.clone(),
+            })
+            .collect();
         let function = pci
             .add_virtio(Box::new(block), disk.msix_vectors, disk.intx)
             .map_err(|source| DiskError::Pci { index, source })?;
+        measured.push(MeasuredDisk {
+            address: function.address,
+            kind: DiskKind::VirtioBlk,
+            queues,
+            msix: lock(&function.transport).msix().cloned(),
+        });
         functions.push(function);
     }
     let mut nvme_functions = Vec::with_capacity(nvmes.len());
@@ -164,6 +186,22 @@ pub fn create_disks(
         let function = pci
             .add_nvme(config, nvme.msix_vectors, pool.clone())
             .map_err(|source| DiskError::NvmePci { index, source })?;
+        {
+            let guard = lock(&function.function);
+            measured.push(MeasuredDisk {
+                address: function.address,
+                kind: DiskKind::Nvme,
+                queues: guard
+                    .controller()
+                    .io_queue_latency()
+                    .map(|(sq, latency)| MeasuredQueue {
+                        name: format!("sq{sq}"),
+                        latency: latency.clone(),
+                    })
+                    .collect(),
+                msix: Some(guard.msix().clone()),
+            });
+        }
         nvme_functions.push(function);
     }
     let intx_resampler = pci
@@ -174,5 +212,6 @@ pub fn create_disks(
         functions,
         nvme_functions,
         intx_resampler,
+        measured,
     })
 }

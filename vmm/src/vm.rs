@@ -22,6 +22,7 @@ use crate::layout;
 use crate::pci::{self, PciError, PciSegment};
 use crate::report;
 use crate::vcpu::{self, VcpuActivity, VcpuContext, VcpuError};
+use crate::{api, plots, stats};
 
 /// KVM_GET_SUPPORTED_CPUID needs a buffer at least as large as its answer.
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -283,8 +284,10 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let router = GsiRouter::new(vm.clone(), irq::routing::KVM_MAX_ROUTES);
     let mut pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
     let io_threads = config.io_threads.unwrap_or_else(disks::default_io_threads);
+    devices::latency::set_timing(config.timing);
     // Kept alive until the process exits: the pool's workers serve every queue.
-    let disks = disks::create_disks(&config.disks, &config.nvmes, io_threads, &mut pci)?;
+    let mut disks = disks::create_disks(&config.disks, &config.nvmes, io_threads, &mut pci)?;
+    let measured = Arc::new(std::mem::take(&mut disks.measured));
     if let (Some(first), Some(last)) = (disks.nvme_functions.first(), disks.nvme_functions.last()) {
         eprintln!(
             "@@vmm nvmes count={} io_threads={} first_pci={} last_pci={}",
@@ -340,6 +343,26 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let kicks = spawn_vcpu_watchdog(activity.clone()).map_err(VmError::Thread)?;
     let probe_monitor = report::spawn_probe_monitor(disks.functions.clone(), activity.clone())
         .map_err(VmError::Thread)?;
+    let sampler = stats::InFlightSampler::spawn(
+        measured
+            .iter()
+            .flat_map(|disk| disk.queues.iter().map(|queue| queue.latency.clone()))
+            .collect(),
+    )
+    .map_err(VmError::Thread)?;
+    let _api_server = match &config.api_socket {
+        Some(path) => Some(
+            api::spawn(
+                path,
+                api::ApiState {
+                    disks: measured.clone(),
+                    timing: config.timing,
+                },
+            )
+            .map_err(|e| VmError::Device(format!("--api-socket {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     for (index, fd) in (0u32..).zip(vcpus) {
         let ctx = VcpuContext {
             index,
@@ -372,6 +395,8 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     }
     report::print_closing_report(&disks.functions, &probe_history);
     report::print_nvme_report(&disks.nvme_functions);
+    sampler.stop();
+    write_measurement_report(&measured, config);
     eprintln!(
         "@@vmm vcpu_kicks={} (vCPUs idle in KVM_RUN for {} ms, entered again)",
         kicks.load(std::sync::atomic::Ordering::Relaxed),
@@ -389,4 +414,28 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
         resampler.stop();
     }
     Ok(exit)
+}
+
+/// The measurement report at exit: a short summary on stderr, and with `--report DIR` the
+/// JSON and its plots (their paths on `@@vmm report_*` lines).
+fn write_measurement_report(measured: &[stats::MeasuredDisk], config: &VmConfig) {
+    let report = stats::collect(measured, config.timing);
+    for line in stats::summary_lines(&report) {
+        eprintln!("{line}");
+    }
+    let Some(dir) = &config.report_dir else {
+        return;
+    };
+    match stats::write_json(&report, dir) {
+        Ok(path) => eprintln!("@@vmm report_json={}", path.display()),
+        Err(e) => eprintln!("blkswarm: --report {}: {e}", dir.display()),
+    }
+    match plots::render(&report, dir) {
+        Ok(files) => {
+            for file in files {
+                eprintln!("@@vmm report_svg={}", file.display());
+            }
+        }
+        Err(e) => eprintln!("blkswarm: --report {}: plots: {e}", dir.display()),
+    }
 }

@@ -1043,6 +1043,7 @@ mod tests {
             console: String::new(),
             done: true,
             lost: None,
+            report: None,
         };
         let q = many::boot_row("qemu", 200, &o);
         assert_eq!(
@@ -1124,6 +1125,7 @@ mod tests {
             console: String::new(),
             done: true,
             lost: None,
+            report: None,
         };
         let q = row(Vmm::Qemu, 1, &o, "read");
         assert_eq!(q.result, Ok((473.0, 1105.9, 5603.3, 10420.2)));

@@ -1,0 +1,147 @@
+//! The control socket (`--api-socket PATH`) and its client (`blkswarm ctl`).
+//!
+//! One request per connection: the client writes a line (`stats`), the server answers with
+//! one JSON document and closes. Requests are served on their own thread, so a slow client
+//! never holds up a vCPU or an I/O worker.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::stats::{self, MeasuredDisk};
+
+/// A request line longer than this is refused.
+const MAX_REQUEST_BYTES: u64 = 256;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the server answers from.
+pub struct ApiState {
+    pub disks: Arc<Vec<MeasuredDisk>>,
+    pub timing: bool,
+}
+
+/// The answer to one request line.
+fn answer(state: &ApiState, request: &str) -> String {
+    match request.trim() {
+        "stats" => serde_json::to_string(&stats::collect(&state.disks, state.timing))
+            .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
+        other => error_json(&format!("unknown request {other:?}; known: stats")),
+    }
+}
+
+fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+fn serve_one(state: &ApiState, stream: UnixStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_REQUEST_BYTES)).read_line(&mut line)?;
+    let mut stream = stream;
+    stream.write_all(answer(state, &line).as_bytes())?;
+    stream.write_all(b"\n")
+}
+
+/// Removes the socket file when the VMM ends.
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (replacing a stale socket file) and serves it on a thread.
+pub fn spawn(path: &Path, state: ApiState) -> io::Result<ApiServer> {
+    if path.exists() {
+        // A socket left by an earlier run; refuse to clobber anything else.
+        let metadata = std::fs::symlink_metadata(path)?;
+        use std::os::unix::fs::FileTypeExt;
+        if !metadata.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("api-socket".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(e) = serve_one(&state, stream) {
+                            eprintln!("blkswarm: api socket: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("blkswarm: api socket accept: {e}"),
+                }
+            }
+        })?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+    })
+}
+
+/// `blkswarm ctl`: sends `request` to the server at `socket`, returns its answer.
+pub fn request(socket: &Path, request: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{DiskKind, MeasuredQueue, Report};
+    use devices::latency::QueueLatency;
+    use devices::pci::PciAddress;
+
+    #[test]
+    fn stats_over_the_socket_is_the_report() {
+        let latency = Arc::new(QueueLatency::new());
+        let disks = Arc::new(vec![MeasuredDisk {
+            address: PciAddress {
+                bus: 0,
+                device: 1,
+                function: 0,
+            },
+            kind: DiskKind::VirtioBlk,
+            queues: vec![MeasuredQueue {
+                name: "q0".into(),
+                latency,
+            }],
+            msix: None,
+        }]);
+        let path = std::env::temp_dir().join(format!("blkswarm-api-{}.sock", std::process::id()));
+        let server = spawn(
+            &path,
+            ApiState {
+                disks,
+                timing: true,
+            },
+        )
+        .unwrap();
+        let answer = request(&path, "stats").unwrap();
+        let report: Report = serde_json::from_str(&answer).unwrap();
+        assert_eq!(report.schema, stats::SCHEMA);
+        assert_eq!(report.disks.len(), 1);
+        assert_eq!(report.disks[0].pci, "0000:00:01.0");
+        assert_eq!(report.disks[0].idle_queues, 1, "q0 served nothing yet");
+        let answer = request(&path, "frobnicate").unwrap();
+        assert!(answer.contains("unknown request"), "{answer}");
+        drop(server);
+        assert!(!path.exists(), "the socket file goes with the server");
+    }
+}

@@ -1,0 +1,461 @@
+//! The measurement report: per-queue phase latencies, counts and in-flight depth over time,
+//! per-vector interrupt accounting, as one JSON document (schema in `docs/report.md`).
+//!
+//! Everything here reads shared counters and copies histograms; nothing stops a queue. The
+//! same [`Report`] is written at exit, returned by the control socket while the guest runs,
+//! and drawn as SVG by [`crate::plots`].
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::latency::{now_ns, InFlightSeries, Phase, PhaseHistograms, QueueLatency};
+use devices::pci::PciAddress;
+use hdrhistogram::Histogram;
+use irq::msix::Msix;
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: &str = "blkswarm-report/1";
+/// In-flight depth is sampled this often (each series then coarsens as the run goes on).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
+/// Quantiles of the whole-run CDF of each phase.
+const CDF_QUANTILES: [f64; 17] = [
+    0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    VirtioBlk,
+    Nvme,
+}
+
+/// One queue whose numbers the report shows.
+pub struct MeasuredQueue {
+    /// `q0`, `q1`... (virtqueue index) or `sq1`, `sq2`... (NVMe I/O SQ id).
+    pub name: String,
+    pub latency: Arc<QueueLatency>,
+}
+
+/// One disk (PCI function) as the report sees it: its queues' shared numbers and its MSI-X.
+pub struct MeasuredDisk {
+    pub address: PciAddress,
+    pub kind: DiskKind,
+    pub queues: Vec<MeasuredQueue>,
+    pub msix: Option<Arc<Msix>>,
+}
+
+/// Summary of one phase's histogram, in nanoseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseStats {
+    pub count: u64,
+    pub min: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl PhaseStats {
+    fn of(histogram: &Histogram<u32>) -> Self {
+        PhaseStats {
+            count: histogram.len(),
+            min: histogram.min(),
+            mean: histogram.mean(),
+            p50: histogram.value_at_quantile(0.5),
+            p90: histogram.value_at_quantile(0.9),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// A phase over the whole run, all queues merged, with its CDF.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseCdf {
+    #[serde(flatten)]
+    pub stats: PhaseStats,
+    /// `[quantile, nanoseconds]` points.
+    pub cdf: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesReport {
+    /// Milliseconds since the VMM started, of the first sample.
+    pub start_ms: f64,
+    /// Milliseconds between samples; each is the deepest seen in its interval.
+    pub interval_ms: f64,
+    pub max_depth: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueReport {
+    pub queue: String,
+    pub requests: u64,
+    pub notifications: u64,
+    pub notifications_suppressed: u64,
+    pub interrupts: u64,
+    pub interrupts_suppressed: u64,
+    pub interrupts_coalesced: u64,
+    pub in_flight: u32,
+    /// By phase name; empty before the first timed request or with timing off.
+    pub latency_ns: BTreeMap<String, PhaseStats>,
+    pub in_flight_series: Option<SeriesReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VectorReport {
+    pub vector: u16,
+    pub injected: u64,
+    pub through_irqfd: u64,
+    pub through_signal_msi: u64,
+    pub pended_while_masked: u64,
+    /// Injected interrupts by destination APIC id (= vCPU index here).
+    pub by_vcpu: BTreeMap<u32, u64>,
+    pub masked: bool,
+    /// The destination the guest programmed last.
+    pub destination_vcpu: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub pci: String,
+    pub kind: DiskKind,
+    /// Queues that served a request; the others are only counted (500-disk guests leave
+    /// most queues idle).
+    pub queues: Vec<QueueReport>,
+    pub idle_queues: usize,
+    /// Vectors that carried interrupts or are unmasked; others are left out.
+    pub vectors: Vec<VectorReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    /// Milliseconds since the VMM started.
+    pub at_ms: f64,
+    /// Per-request timing was on (`--timing on`, the default).
+    pub timing: bool,
+    pub requests: u64,
+    pub interrupts: u64,
+    /// Each phase over every queue of every disk.
+    pub phases: BTreeMap<String, PhaseCdf>,
+    /// MSI-X interrupts of every disk by destination vCPU.
+    pub interrupts_by_vcpu: BTreeMap<u32, u64>,
+    pub disks: Vec<DiskReport>,
+}
+
+fn milliseconds(nanoseconds: u64) -> f64 {
+    nanoseconds as f64 / 1e6
+}
+
+fn series_report(series: InFlightSeries) -> Option<SeriesReport> {
+    (series.stride > 0).then(|| SeriesReport {
+        start_ms: milliseconds(series.start_ns),
+        interval_ms: SAMPLE_INTERVAL.as_secs_f64() * 1e3 * f64::from(series.stride),
+        max_depth: series.max_depth,
+    })
+}
+
+fn latency_map(histograms: &PhaseHistograms) -> BTreeMap<String, PhaseStats> {
+    Phase::ALL
+        .iter()
+        .map(|&phase| (phase.name().to_string(), &histograms[phase.index()]))
+        .filter(|(_, histogram)| !histogram.is_empty())
+        .map(|(name, histogram)| (name, PhaseStats::of(histogram)))
+        .collect()
+}
+
+fn queue_report(queue: &MeasuredQueue, merged: &mut Option<PhaseHistograms>) -> QueueReport {
+    let counts = queue.latency.counts();
+    let histograms = queue.latency.histograms();
+    if let Some(histograms) = &histograms {
+        match merged {
+            Some(merged) => {
+                for (total, one) in merged.iter_mut().zip(histograms.iter()) {
+                    // Both auto-resize: adding cannot fail for lack of range.
+                    let _ = total.add(one);
+                }
+            }
+            None => *merged = Some((**histograms).clone()),
+        }
+    }
+    QueueReport {
+        queue: queue.name.clone(),
+        requests: counts.requests,
+        notifications: counts.notifications,
+        notifications_suppressed: counts.notifications_suppressed(),
+        interrupts: counts.interrupts,
+        interrupts_suppressed: counts.interrupts_suppressed,
+        interrupts_coalesced: counts.interrupts_coalesced(),
+        in_flight: counts.in_flight,
+        latency_ns: histograms.as_deref().map(latency_map).unwrap_or_default(),
+        in_flight_series: series_report(queue.latency.in_flight_series()),
+    }
+}
+
+fn vector_reports(msix: &Msix) -> Vec<VectorReport> {
+    (0u16..)
+        .zip(msix.snapshot().vectors)
+        .filter(|(_, vector)| vector.injected > 0 || vector.pended > 0 || !vector.state.masked)
+        .map(|(index, vector)| VectorReport {
+            vector: index,
+            injected: vector.injected,
+            through_irqfd: vector.through_irqfd,
+            through_signal_msi: vector.injected - vector.through_irqfd,
+            pended_while_masked: vector.pended,
+            by_vcpu: vector.by_destination.iter().copied().collect(),
+            masked: vector.state.masked,
+            destination_vcpu: vector.state.message.destination_apic_id(),
+        })
+        .collect()
+}
+
+/// The report as of now.
+pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
+    let mut merged: Option<PhaseHistograms> = None;
+    let mut interrupts_by_vcpu: BTreeMap<u32, u64> = BTreeMap::new();
+    let disk_reports: Vec<DiskReport> = disks
+        .iter()
+        .map(|disk| {
+            let vectors = disk.msix.as_deref().map(vector_reports).unwrap_or_default();
+            for vector in &vectors {
+                for (&vcpu, &count) in &vector.by_vcpu {
+                    *interrupts_by_vcpu.entry(vcpu).or_default() += count;
+                }
+            }
+            let active: Vec<&MeasuredQueue> = disk
+                .queues
+                .iter()
+                .filter(|queue| {
+                    let counts = queue.latency.counts();
+                    counts.requests > 0 || counts.in_flight > 0
+                })
+                .collect();
+            DiskReport {
+                pci: disk.address.to_string(),
+                kind: disk.kind,
+                idle_queues: disk.queues.len() - active.len(),
+                queues: active
+                    .into_iter()
+                    .map(|queue| queue_report(queue, &mut merged))
+                    .collect(),
+                vectors,
+            }
+        })
+        .collect();
+    let phases = merged
+        .map(|histograms| {
+            Phase::ALL
+                .iter()
+                .map(|&phase| (phase, &histograms[phase.index()]))
+                .filter(|(_, histogram)| !histogram.is_empty())
+                .map(|(phase, histogram)| {
+                    let cdf = CDF_QUANTILES
+                        .iter()
+                        .map(|&q| (q, histogram.value_at_quantile(q)))
+                        .collect();
+                    let stats = PhaseStats::of(histogram);
+                    (phase.name().to_string(), PhaseCdf { stats, cdf })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let queues = disk_reports.iter().flat_map(|disk| &disk.queues);
+    let requests = queues.clone().map(|queue| queue.requests).sum();
+    let interrupts = queues.map(|queue| queue.interrupts).sum();
+    Report {
+        schema: SCHEMA.to_string(),
+        at_ms: milliseconds(now_ns()),
+        timing,
+        requests,
+        interrupts,
+        phases,
+        interrupts_by_vcpu,
+        disks: disk_reports,
+    }
+}
+
+/// Writes `report` as `dir/report.json` (creating `dir`), on one line: it may have to
+/// travel through a console (the lab's).
+pub fn write_json(report: &Report, dir: &Path) -> io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("report.json");
+    let json = serde_json::to_vec(report).map_err(io::Error::other)?;
+    std::fs::write(&path, json)?;
+    Ok(path)
+}
+
+/// Samples every queue's in-flight depth each [`SAMPLE_INTERVAL`] until stopped.
+pub struct InFlightSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InFlightSampler {
+    pub fn spawn(queues: Vec<Arc<QueueLatency>>) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("in-flight-sampler".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    for queue in &queues {
+                        queue.sample_in_flight();
+                    }
+                    std::thread::sleep(SAMPLE_INTERVAL);
+                }
+            })?;
+        Ok(InFlightSampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A short text summary of `report` for the end of the console output.
+pub fn summary_lines(report: &Report) -> Vec<String> {
+    let mut lines = vec![format!(
+        "@@vmm report requests={} interrupts={} disks={} timing={}",
+        report.requests,
+        report.interrupts,
+        report.disks.len(),
+        u8::from(report.timing)
+    )];
+    for phase in Phase::ALL {
+        if let Some(cdf) = report.phases.get(phase.name()) {
+            let stats = &cdf.stats;
+            lines.push(format!(
+                "@@vmm latency phase={} count={} p50_us={:.1} p99_us={:.1} max_us={:.1}",
+                phase.name(),
+                stats.count,
+                stats.p50 as f64 / 1e3,
+                stats.p99 as f64 / 1e3,
+                stats.max as f64 / 1e3
+            ));
+        }
+    }
+    if !report.interrupts_by_vcpu.is_empty() {
+        let by_vcpu: Vec<String> = report
+            .interrupts_by_vcpu
+            .iter()
+            .map(|(vcpu, count)| format!("{vcpu}={count}"))
+            .collect();
+        lines.push(format!("@@vmm interrupts_by_vcpu {}", by_vcpu.join(" ")));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::latency::{LatencyRecorder, RequestTimes};
+
+    fn disk_with_requests(requests: u64) -> MeasuredDisk {
+        let busy = Arc::new(QueueLatency::new());
+        let mut recorder = LatencyRecorder::new(busy.clone());
+        for _ in 0..requests {
+            recorder.fetched();
+            let start = now_ns();
+            recorder.published(RequestTimes {
+                notified: start,
+                parsed: start + 500,
+                submitted: start + 1_000,
+                completed: start + 50_000,
+                published: 0,
+            });
+            recorder.batch_ended(true);
+        }
+        busy.sample_in_flight();
+        MeasuredDisk {
+            address: PciAddress {
+                bus: 0,
+                device: 3,
+                function: 0,
+            },
+            kind: DiskKind::Nvme,
+            queues: vec![
+                MeasuredQueue {
+                    name: "sq1".into(),
+                    latency: busy,
+                },
+                MeasuredQueue {
+                    name: "sq2".into(),
+                    latency: Arc::new(QueueLatency::new()),
+                },
+            ],
+            msix: None,
+        }
+    }
+
+    #[test]
+    fn the_report_counts_every_request_once_and_survives_json() {
+        let report = collect(&[disk_with_requests(20), disk_with_requests(5)], true);
+        assert_eq!(report.schema, SCHEMA);
+        assert_eq!((report.requests, report.interrupts), (25, 25));
+        let disk = &report.disks[0];
+        assert_eq!(
+            (disk.queues.len(), disk.idle_queues),
+            (1, 1),
+            "sq2 served nothing"
+        );
+        let queue = &disk.queues[0];
+        assert_eq!(queue.queue, "sq1");
+        assert_eq!(queue.latency_ns["total"].count, 20);
+        let backend = &queue.latency_ns["backend"];
+        assert!((48_000..=50_000).contains(&backend.p50), "{backend:?}");
+        assert_eq!(
+            report.phases["backend"].stats.count, 25,
+            "every queue merged"
+        );
+        let cdf = &report.phases["total"].cdf;
+        assert_eq!(cdf.len(), CDF_QUANTILES.len());
+        assert!(
+            cdf.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+            "a CDF rises"
+        );
+        assert!(queue.in_flight_series.is_some());
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+        assert!(summary_lines(&report)[0].contains("requests=25"));
+    }
+
+    #[test]
+    fn plots_are_svg_files() {
+        let report = collect(&[disk_with_requests(10)], true);
+        let dir = std::env::temp_dir().join(format!("blkswarm-plots-{}", std::process::id()));
+        let files = crate::plots::render(&report, &dir).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        // No MSI-X in this report: no interrupts-per-vCPU plot.
+        assert_eq!(names, ["latency_cdf.svg", "in_flight.svg"]);
+        for file in &files {
+            let svg = std::fs::read_to_string(file).unwrap();
+            assert!(
+                svg.starts_with("<svg") && svg.contains("</svg>"),
+                "{}",
+                file.display()
+            );
+        }
+        let cdf = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(cdf.contains("backend"), "one line per phase, labelled");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
