@@ -154,6 +154,20 @@ pick_disk() {
         return 1
     fi
     out "disk=$DISK"
+    # The PCI function behind the disk (the last PCI address on its sysfs device path), so
+    # the host's per-disk report can be matched.
+    out "disk_pci=$(readlink -f "/sys/block/$DISK/device" | grep -o '[0-9a-f]\{4\}:[0-9a-f]\{2\}:[0-9a-f]\{2\}\.[0-9a-f]' | tail -n 1)"
+}
+
+# What the block layer completed on disk $1 since boot (/sys/block/$1/stat: read, write,
+# discard and flush I/Os), and the interrupts of its device's vectors, as result lines:
+# the host's per-disk request and per-vector interrupt counts must match them.
+disk_accounting() {
+    local dev
+    awk '{ print "@@guest disk_requests=" $1 + $5 + $12 + $16 }' "/sys/block/$1/stat"
+    dev=$(readlink -f "/sys/block/$1/device"); dev=${dev##*/}
+    irq_counts | awk -v d="$dev" 'index($1, d "-") == 1 || ($1 ~ "^" d "q[0-9]+$") {
+        print "@@guest disk_irq=" $1 " count=" $2 }'
 }
 
 # First line of file $1 (an error message) as one result-line value, at most 160 chars.
@@ -365,6 +379,7 @@ scenario_fio() {
     if [ -n "$FIO_VERIFY" ]; then
         if [ "$rc" = 0 ] && [ "${err:-0}" = 0 ]; then out "fio_verify=ok"; else out "fio_verify=failed"; fi
     fi
+    disk_accounting "$DISK"
 }
 
 # Value of flattened key $1 in file $2 (empty if absent).

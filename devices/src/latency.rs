@@ -189,6 +189,9 @@ pub struct QueueLatency {
     interrupts: AtomicU64,
     interrupts_suppressed: AtomicU64,
     in_flight: AtomicU32,
+    /// The deepest `in_flight` since the sampler last looked: bursts shorter than a sample
+    /// interval still show.
+    in_flight_peak: AtomicU32,
     histograms: Mutex<Option<Box<PhaseHistograms>>>,
     series: Mutex<InFlightSeries>,
 }
@@ -214,6 +217,7 @@ impl QueueLatency {
             interrupts: AtomicU64::new(0),
             interrupts_suppressed: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            in_flight_peak: AtomicU32::new(0),
             histograms: Mutex::new(None),
             series: Mutex::new(InFlightSeries::default()),
         }
@@ -242,14 +246,19 @@ impl QueueLatency {
         lock(&self.series).clone()
     }
 
-    /// One sampler tick. Queues that never had a request keep no series.
+    /// One sampler tick: records the deepest in-flight count since the last tick. Queues
+    /// that never had a request keep no series.
     pub fn sample_in_flight(&self) {
         let depth = self.in_flight.load(Ordering::Relaxed);
+        let peak = self
+            .in_flight_peak
+            .swap(depth, Ordering::Relaxed)
+            .max(depth);
         // Without a request ever, no series was started: no lock for idle queues.
-        if depth == 0 && self.requests.load(Ordering::Relaxed) == 0 {
+        if peak == 0 && self.requests.load(Ordering::Relaxed) == 0 {
             return;
         }
-        lock(&self.series).tick(depth);
+        lock(&self.series).tick(peak);
     }
 
     pub fn count_notification(&self) {
@@ -288,7 +297,10 @@ impl LatencyRecorder {
 
     /// A request was fetched from the queue.
     pub fn fetched(&self) {
-        self.queue.in_flight.fetch_add(1, Ordering::Relaxed);
+        let depth = self.queue.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.queue
+            .in_flight_peak
+            .fetch_max(depth, Ordering::Relaxed);
     }
 
     /// A fetched request could not be published (its head index was bad).
@@ -409,9 +421,27 @@ mod tests {
             "{}",
             series.max_depth.len()
         );
-        assert_eq!(series.max_depth.iter().filter(|&&d| d == 40).count(), 1);
-        assert_eq!(series.max_depth[7 / 4], 40);
+        // 40 at tick 7 and (for all the sampler knows) until just before tick 8: the
+        // intervals ending at ticks 7 and 8, merged into samples 1 (ticks 4-7) and 2 (8-11).
+        assert_eq!(series.max_depth.iter().filter(|&&d| d == 40).count(), 2);
+        assert_eq!(series.max_depth[1..3], [40, 40]);
         assert!(series.max_depth.iter().all(|&d| d == 3 || d == 40));
+    }
+
+    #[test]
+    fn a_burst_between_two_samples_still_shows() {
+        let queue = Arc::new(QueueLatency::new());
+        let mut recorder = LatencyRecorder::new(queue.clone());
+        queue.sample_in_flight();
+        for _ in 0..5 {
+            recorder.fetched();
+        }
+        for _ in 0..5 {
+            recorder.published(RequestTimes::default());
+        }
+        queue.sample_in_flight();
+        queue.sample_in_flight();
+        assert_eq!(queue.in_flight_series().max_depth, [5, 0]);
     }
 
     #[test]

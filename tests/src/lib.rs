@@ -24,6 +24,7 @@ mod direct;
 pub mod lab;
 pub mod parse;
 pub mod paths;
+pub mod report;
 pub mod shell;
 
 use std::collections::BTreeMap;

@@ -4,7 +4,8 @@
 //!
 //! cargo run --release -p blkswarm-tests --bin blkswarm-guest -- --scenario boot --cpus boot=2,max=8
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use harness::{GuestSpec, Runner};
@@ -19,6 +20,8 @@ usage: blkswarm-guest [options]
   --arg X             extra blkswarm argument (repeatable)
   --timeout SECS      guest timeout, default: 90
   --lab-memory MIB    L1 memory in lab mode, default: 3072
+  --report-dir DIR    where blkswarm's measurement report (report.json, SVG plots) is
+                      saved, default: target/blkswarm-reports/NAME
 Environment: BLKSWARM_MODE=direct|lab, BLKSWARM_VERBOSE=0, BLKSWARM_CACHE,
 BLKSWARM_BIN, BLKSWARM_QEMU.";
 
@@ -59,6 +62,7 @@ fn parse_memory_mib(s: &str) -> Result<u64, String> {
 struct Cli {
     spec: GuestSpec,
     lab_memory_mib: Option<u64>,
+    report_dir: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
@@ -70,6 +74,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     let mut extra = Vec::new();
     let mut timeout = 90;
     let mut lab_memory_mib = None;
+    let mut report_dir = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-h" || a == "--help" {
@@ -105,6 +110,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
                         .map_err(|_| format!("--lab-memory {v:?}: expected MiB"))?,
                 );
             }
+            "--report-dir" => report_dir = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -119,6 +125,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     Ok(Some(Cli {
         spec,
         lab_memory_mib,
+        report_dir,
     }))
 }
 
@@ -187,6 +194,24 @@ fn main() -> ExitCode {
         println!("lab total:   {} ms", lab.total_ms);
     }
     println!("guest wall:  {}", ms(o.wall_ms));
+    if let Some(json) = &o.report {
+        let dir = cli
+            .report_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("target/blkswarm-reports").join(&o.name));
+        match save_report(json, &dir, &runner) {
+            Ok(files) => {
+                for file in files {
+                    println!("report:      {}", file.display());
+                }
+            }
+            Err(e) => eprintln!("blkswarm-guest: report: {e}"),
+        }
+        // The guest's fio latency next to the host's for the same disk.
+        for line in harness::report::latency_comparison(o).unwrap_or_default() {
+            println!("{line}");
+        }
+    }
     match o.expect_clean() {
         Ok(()) => {
             println!("result:      clean");
@@ -198,6 +223,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the guest's report to `dir/report.json` and has blkswarm draw its plots there;
+/// returns the files written.
+fn save_report(json: &str, dir: &Path, runner: &Runner) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("report.json");
+    std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bin = runner.paths().vmm_bin().map_err(|e| e.to_string())?;
+    let plot = Command::new(&bin)
+        .arg("plot")
+        .arg(&path)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !plot.status.success() {
+        return Err(String::from_utf8_lossy(&plot.stderr).trim().to_string());
+    }
+    let mut files = vec![path];
+    files.extend(
+        String::from_utf8_lossy(&plot.stdout)
+            .lines()
+            .map(PathBuf::from),
+    );
+    Ok(files)
 }
 
 #[cfg(test)]
