@@ -4,8 +4,10 @@
 //! notification seen (the worker's pass that fetched it began), parsed, handed to the backend
 //! (SQE queued; the kernel sees it at the worker's next `io_uring_enter`), backend completed,
 //! published (used ring / CQ entry written). When the worker ends its batch it decides on the
-//! interrupt and records every request published in that batch into the queue's
-//! HdrHistograms, one per [`Phase`], under one short lock. Requests whose batch raised no
+//! interrupt, stamps it on every request published in that batch, and hands the batch over
+//! under one short lock. The worker never touches a histogram: whoever reads the numbers (the
+//! VMM's sampler thread every few milliseconds, a report) records the handed-over requests
+//! into the queue's HdrHistograms, one per [`Phase`], first. Requests whose batch raised no
 //! interrupt (EVENT_IDX said the driver is still polling) end at their publication: they add
 //! no `interrupt` sample and their `total` stops at `published`.
 //!
@@ -19,7 +21,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
+static CLOCK: OnceLock<Clock> = OnceLock::new();
 /// Whether queues created from now on take timestamps (see [`set_timing`]).
 static TIMING: AtomicBool = AtomicBool::new(true);
 
@@ -29,17 +31,102 @@ pub fn set_timing(on: bool) {
     TIMING.store(on, Ordering::Relaxed);
 }
 
-/// Starts the clock every timestamp is measured from (the first call wins); the VMM calls it
-/// at start so that times in reports are relative to its start.
+/// The timestamp source. With an invariant TSC (constant rate, ticking in every C-state,
+/// as Linux reports it in /proc/cpuinfo) a timestamp is one RDTSC, about a third of a
+/// clock_gettime, scaled by a rate measured against the monotonic clock at start;
+/// otherwise the monotonic clock itself.
+struct Clock {
+    epoch: Instant,
+    tsc: Option<TscScale>,
+}
+
+struct TscScale {
+    epoch: u64,
+    ns_per_tick: f64,
+}
+
+/// How long the TSC rate is measured for. Each end is a TSC read bracketed by two monotonic
+/// clock reads at most [`TSC_PAIR_WINDOW`] apart (a preempted attempt is retried), so the
+/// rate is off by 2e-4 at most.
+const TSC_CALIBRATION: std::time::Duration = std::time::Duration::from_millis(10);
+const TSC_PAIR_WINDOW: std::time::Duration = std::time::Duration::from_micros(2);
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it touches no memory. x86_64 always has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn invariant_tsc() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .find(|line| line.starts_with("flags"))
+            .is_some_and(|flags| {
+                let has = |flag: &str| flags.split_whitespace().any(|word| word == flag);
+                has("constant_tsc") && has("nonstop_tsc")
+            })
+    })
+}
+
+/// A TSC value and the monotonic time it was read at, both within [`TSC_PAIR_WINDOW`].
+fn tsc_and_instant() -> Option<(u64, Instant)> {
+    (0..1000).find_map(|_| {
+        let before = Instant::now();
+        let tsc = rdtsc();
+        let window = before.elapsed();
+        (window <= TSC_PAIR_WINDOW).then(|| (tsc, before + window / 2))
+    })
+}
+
+impl Clock {
+    fn start() -> Clock {
+        let tsc = invariant_tsc()
+            .then(|| {
+                let (first_tsc, first) = tsc_and_instant()?;
+                std::thread::sleep(TSC_CALIBRATION);
+                let (last_tsc, last) = tsc_and_instant()?;
+                let ticks = last_tsc.checked_sub(first_tsc).filter(|&ticks| ticks > 0)?;
+                Some((
+                    first,
+                    TscScale {
+                        epoch: first_tsc,
+                        ns_per_tick: (last - first).as_nanos() as f64 / ticks as f64,
+                    },
+                ))
+            })
+            .flatten();
+        match tsc {
+            Some((epoch, tsc)) => Clock {
+                epoch,
+                tsc: Some(tsc),
+            },
+            None => Clock {
+                epoch: Instant::now(),
+                tsc: None,
+            },
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        match &self.tsc {
+            // A thread that migrates to a CPU whose TSC lags reads an earlier time; the
+            // intervals built from it saturate at 0.
+            Some(tsc) => (rdtsc().saturating_sub(tsc.epoch) as f64 * tsc.ns_per_tick) as u64,
+            // u64 nanoseconds last 584 years.
+            None => self.epoch.elapsed().as_nanos() as u64,
+        }
+    }
+}
+
+/// Starts the clock every timestamp is measured from (the first call wins; it takes a few
+/// milliseconds to measure the TSC rate). The VMM calls it at start so that times in
+/// reports are relative to its start.
 pub fn start_clock() {
-    EPOCH.get_or_init(Instant::now);
+    CLOCK.get_or_init(Clock::start);
 }
 
 /// Monotonic nanoseconds since [`start_clock`].
 pub fn now_ns() -> u64 {
-    let epoch = EPOCH.get_or_init(Instant::now);
-    // u64 nanoseconds last 584 years.
-    epoch.elapsed().as_nanos() as u64
+    CLOCK.get_or_init(Clock::start).now_ns()
 }
 
 /// An interval of a request's life.
@@ -96,6 +183,25 @@ pub struct RequestTimes {
     pub submitted: u64,
     pub completed: u64,
     pub published: u64,
+    /// When the interrupt of the request's batch was injected; 0: its batch raised none.
+    pub injected: u64,
+}
+
+impl RequestTimes {
+    /// The request's phases, indexed like [`Phase::ALL`]; `None` for an interrupt it did not
+    /// have.
+    fn phases(&self) -> [Option<u64>; PHASE_COUNT] {
+        let injected = (self.injected != 0).then_some(self.injected);
+        let end = injected.unwrap_or(self.published);
+        [
+            Some(self.parsed.saturating_sub(self.notified)),
+            Some(self.submitted.saturating_sub(self.parsed)),
+            Some(self.completed.saturating_sub(self.submitted)),
+            Some(self.published.saturating_sub(self.completed)),
+            injected.map(|at| at.saturating_sub(self.published)),
+            Some(end.saturating_sub(self.notified)),
+        ]
+    }
 }
 
 impl RequestTimes {
@@ -111,6 +217,8 @@ pub type PhaseHistograms = [Histogram<u32>; PHASE_COUNT];
 
 /// Significant digits of every histogram: 1% resolution.
 const SIGNIFICANT_DIGITS: u8 = 2;
+/// Handed-over requests a queue holds before its worker records them itself.
+const MAX_HANDED_OVER: usize = 1 << 16;
 
 /// In-flight depth over time: one sample (the deepest seen) per `stride` sampler ticks. When
 /// full, neighbouring samples merge and the stride doubles, so a run of any length fits.
@@ -192,6 +300,8 @@ pub struct QueueLatency {
     /// The deepest `in_flight` since the sampler last looked: bursts shorter than a sample
     /// interval still show.
     in_flight_peak: AtomicU32,
+    /// Requests whose batch ended, not yet in the histograms.
+    handed_over: Mutex<Vec<RequestTimes>>,
     histograms: Mutex<Option<Box<PhaseHistograms>>>,
     series: Mutex<InFlightSeries>,
 }
@@ -218,6 +328,7 @@ impl QueueLatency {
             interrupts_suppressed: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             in_flight_peak: AtomicU32::new(0),
+            handed_over: Mutex::new(Vec::new()),
             histograms: Mutex::new(None),
             series: Mutex::new(InFlightSeries::default()),
         }
@@ -237,18 +348,54 @@ impl QueueLatency {
         }
     }
 
-    /// A copy of the histograms; `None` before the first timed request.
+    /// A copy of the histograms, every handed-over request included; `None` before the
+    /// first timed request.
     pub fn histograms(&self) -> Option<Box<PhaseHistograms>> {
+        self.record_handed_over();
         lock(&self.histograms).clone()
+    }
+
+    /// Moves the requests the worker handed over into the histograms.
+    pub fn record_handed_over(&self) {
+        let requests = std::mem::take(&mut *lock(&self.handed_over));
+        if requests.is_empty() {
+            return;
+        }
+        let mut histograms = lock(&self.histograms);
+        let histograms = histograms.get_or_insert_with(|| {
+            Box::new(std::array::from_fn(|_| {
+                Histogram::new(SIGNIFICANT_DIGITS).expect("2 significant digits are valid")
+            }))
+        });
+        for times in &requests {
+            for (histogram, phase) in histograms.iter_mut().zip(times.phases()) {
+                if let Some(nanoseconds) = phase {
+                    // `record` grows the histogram to the value; it fails only when a u32
+                    // count would overflow (4 billion samples in one bucket): then saturate.
+                    if histogram.record(nanoseconds).is_err() {
+                        histogram.saturating_record(nanoseconds);
+                    }
+                }
+            }
+        }
+        // Give the buffer back to the worker, so that it does not allocate anew.
+        let mut handed_over = lock(&self.handed_over);
+        if handed_over.is_empty() {
+            let mut requests = requests;
+            requests.clear();
+            *handed_over = requests;
+        }
     }
 
     pub fn in_flight_series(&self) -> InFlightSeries {
         lock(&self.series).clone()
     }
 
-    /// One sampler tick: records the deepest in-flight count since the last tick. Queues
-    /// that never had a request keep no series.
+    /// One sampler tick: records the deepest in-flight count since the last tick, and the
+    /// handed-over requests into the histograms. Queues that never had a request keep no
+    /// series.
     pub fn sample_in_flight(&self) {
+        self.record_handed_over();
         let depth = self.in_flight.load(Ordering::Relaxed);
         let peak = self
             .in_flight_peak
@@ -318,8 +465,8 @@ impl LatencyRecorder {
         }
     }
 
-    /// The batch ended: `interrupted` says whether an interrupt was injected for it.
-    /// Records the batch's requests.
+    /// The batch ended: `interrupted` says whether an interrupt was injected for it. Stamps
+    /// the injection on the batch's requests and hands them over for recording.
     pub fn batch_ended(&mut self, interrupted: bool) {
         let counter = if interrupted {
             &self.queue.interrupts
@@ -330,32 +477,20 @@ impl LatencyRecorder {
         if self.published.is_empty() {
             return;
         }
-        let injected = interrupted.then(now_ns);
-        let mut histograms = lock(&self.queue.histograms);
-        let histograms = histograms.get_or_insert_with(|| {
-            Box::new(std::array::from_fn(|_| {
-                Histogram::new(SIGNIFICANT_DIGITS).expect("2 significant digits are valid")
-            }))
-        });
-        for times in self.published.drain(..) {
-            let end = injected.unwrap_or(times.published);
-            let intervals = [
-                Some(times.parsed.saturating_sub(times.notified)),
-                Some(times.submitted.saturating_sub(times.parsed)),
-                Some(times.completed.saturating_sub(times.submitted)),
-                Some(times.published.saturating_sub(times.completed)),
-                injected.map(|at| at.saturating_sub(times.published)),
-                Some(end.saturating_sub(times.notified)),
-            ];
-            for (histogram, interval) in histograms.iter_mut().zip(intervals) {
-                if let Some(nanoseconds) = interval {
-                    // `record` grows the histogram to the value; it fails only when a u32
-                    // count would overflow (4 billion samples in one bucket): then saturate.
-                    if histogram.record(nanoseconds).is_err() {
-                        histogram.saturating_record(nanoseconds);
-                    }
-                }
+        if interrupted {
+            let injected = now_ns();
+            for times in &mut self.published {
+                times.injected = injected;
             }
+        }
+        let backlog = {
+            let mut handed_over = lock(&self.queue.handed_over);
+            handed_over.append(&mut self.published);
+            handed_over.len()
+        };
+        // Nobody reads (no sampler, e.g. in a test): record rather than grow without end.
+        if backlog >= MAX_HANDED_OVER {
+            self.queue.record_handed_over();
         }
     }
 
@@ -394,6 +529,25 @@ pub(crate) fn assert_only_the_backend_phase_is_slow(histograms: &PhaseHistograms
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_keeps_time_with_the_monotonic_clock() {
+        start_clock();
+        let (start, instant) = (now_ns(), Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (ours, theirs) = (now_ns() - start, instant.elapsed().as_nanos() as u64);
+        // Both read at nearly the same moments: within 1% (plus scheduling slack).
+        assert!(
+            ours.abs_diff(theirs) < theirs / 100 + 200_000,
+            "{ours} vs {theirs} ns"
+        );
+        let mut last = now_ns();
+        for _ in 0..10_000 {
+            let now = now_ns();
+            assert!(now >= last, "monotonic on one thread");
+            last = now;
+        }
+    }
 
     #[test]
     fn a_series_keeps_the_deepest_sample_as_it_coarsens() {
@@ -456,7 +610,7 @@ mod tests {
                 parsed: start + 1_000,
                 submitted: start + 3_000,
                 completed: start + 10_000,
-                published: 0,
+                ..RequestTimes::default()
             };
             if answered {
                 times.answered_at_parse();

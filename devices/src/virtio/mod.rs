@@ -7,7 +7,7 @@
 
 pub mod block;
 pub mod pci;
-#[cfg(test)]
+/// Also outside tests: the device-path benchmark drives queues with it.
 pub mod testing;
 
 use std::sync::Arc;
