@@ -376,7 +376,7 @@ mod tests {
                 parsed: start + 500,
                 submitted: start + 1_000,
                 completed: start + 50_000,
-                published: 0,
+                ..RequestTimes::default()
             });
             recorder.batch_ended(true);
         }

@@ -38,6 +38,8 @@ usage: blkswarm-bench [options]
                        \"--nvme backend=null,size=<disk-size>,max_ioqpairs=<cpus>\")
   --skip-blkswarm      run QEMU only
   --skip-qemu          run blkswarm only
+  --timing-overhead    also run blkswarm with --timing off at each queue depth and print
+                       the IOPS ratio of timing on to off (what per-request timing costs)
   --lab-memory MIB     L1 memory in lab mode (default 3072)
 Many-disk mode (null virtio-blk disks; QEMU puts 31 on each pci-bridge):
   --many-disks N       compare blkswarm and QEMU with N disks instead of fio
@@ -101,6 +103,7 @@ struct Cli {
     blkswarm_args: Option<Vec<String>>,
     skip_blkswarm: bool,
     skip_qemu: bool,
+    timing_overhead: bool,
     lab_memory_mib: Option<u64>,
     many: Option<many::ManyCli>,
 }
@@ -120,6 +123,7 @@ impl Default for Cli {
             blkswarm_args: None,
             skip_blkswarm: false,
             skip_qemu: false,
+            timing_overhead: false,
             lab_memory_mib: None,
             many: None,
         }
@@ -194,6 +198,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
             }
             "--skip-blkswarm" => cli.skip_blkswarm = true,
             "--skip-qemu" => cli.skip_qemu = true,
+            "--timing-overhead" => cli.timing_overhead = true,
             "--lab-memory" => cli.lab_memory_mib = Some(parse_num(flag, &value()?)?),
             "--many-disks" => many_disks = Some(parse_num(flag, &value()?)?),
             "--native-counts" => {
@@ -277,6 +282,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
 enum Vmm {
     Qemu,
     Blkswarm,
+    /// blkswarm with `--timing off`: no per-request timestamps or histograms.
+    BlkswarmUntimed,
 }
 
 impl Vmm {
@@ -284,6 +291,7 @@ impl Vmm {
         match self {
             Vmm::Qemu => "qemu",
             Vmm::Blkswarm => "blkswarm",
+            Vmm::BlkswarmUntimed => "blkswarm-untimed",
         }
     }
 }
@@ -339,6 +347,13 @@ impl Cli {
     fn blkswarm_spec(&self, qd: u32) -> GuestSpec {
         let mut spec = self.guest(format!("blkswarm-qd{qd}"), qd);
         spec.extra_args = self.blkswarm_disk_args();
+        spec
+    }
+
+    fn blkswarm_untimed_spec(&self, qd: u32) -> GuestSpec {
+        let mut spec = self.guest(format!("blkswarm-untimed-qd{qd}"), qd);
+        spec.extra_args = self.blkswarm_disk_args();
+        spec.extra_args.extend(["--timing".into(), "off".into()]);
         spec
     }
 
@@ -484,7 +499,7 @@ fn fmt_ratio(b: f64, q: f64) -> String {
 fn report(cli: &Cli, rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "{:<9} {:>4} {:>10} {:>13} {:>13} {:>14} {:>9}\n",
+        "{:<16} {:>4} {:>10} {:>13} {:>13} {:>14} {:>9}\n",
         "VMM", "QD", "IOPS", "clat p50 us", "clat p99 us", "clat p99.9 us", "wall s"
     ));
     for r in rows {
@@ -493,7 +508,7 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
             .map_or("-".to_string(), |w| format!("{:.1}", w as f64 / 1000.0));
         match &r.result {
             Ok((iops, p50, p99, p999)) => s.push_str(&format!(
-                "{:<9} {:>4} {:>10.0} {:>13.1} {:>13.1} {:>14.1} {:>9}\n",
+                "{:<16} {:>4} {:>10.0} {:>13.1} {:>13.1} {:>14.1} {:>9}\n",
                 r.vmm.name(),
                 r.qd,
                 iops,
@@ -503,7 +518,7 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
                 wall
             )),
             Err(e) => s.push_str(&format!(
-                "{:<9} {:>4} {:>10} {}\n",
+                "{:<16} {:>4} {:>10} {}\n",
                 r.vmm.name(),
                 r.qd,
                 "FAILED",
@@ -520,7 +535,7 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
     for &qd in &cli.qds {
         if let (Some(b), Some(q)) = (find(Vmm::Blkswarm, qd), find(Vmm::Qemu, qd)) {
             ratio_lines.push(format!(
-                "{:<9} {:>4} {:>10} {:>13} {:>13} {:>14}\n",
+                "{:<16} {:>4} {:>10} {:>13} {:>13} {:>14}\n",
                 "b/q",
                 qd,
                 fmt_ratio(b.0, q.0),
@@ -536,6 +551,35 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
         );
         for l in ratio_lines {
             s.push_str(&l);
+        }
+    }
+    let timing: Vec<(u32, f64, f64)> = cli
+        .qds
+        .iter()
+        .filter_map(|&qd| {
+            let on = find(Vmm::Blkswarm, qd)?;
+            let off = find(Vmm::BlkswarmUntimed, qd)?;
+            Some((qd, on.0, off.0))
+        })
+        .collect();
+    if !timing.is_empty() {
+        s.push_str("timing cost (IOPS with per-request timing on / off; 1.00 = free):\n");
+        for (qd, on, off) in timing {
+            s.push_str(&format!(
+                "{:<16} {:>4} {:>10}   loss {:.1}%\n",
+                "on/off",
+                qd,
+                fmt_ratio(on, off),
+                if off > 0.0 {
+                    (1.0 - on / off) * 100.0
+                } else {
+                    0.0
+                }
+            ));
+            s.push_str(&format!(
+                "@@bench timing_overhead device={} qd={qd} iops_on={on:.0} iops_off={off:.0}\n",
+                cli.device.name()
+            ));
         }
     }
     for r in rows {
@@ -637,6 +681,9 @@ fn run(cli: &Cli) -> Result<bool, String> {
         }
         if !cli.skip_blkswarm {
             plan.push((Vmm::Blkswarm, qd, cli.blkswarm_spec(qd)));
+            if cli.timing_overhead {
+                plan.push((Vmm::BlkswarmUntimed, qd, cli.blkswarm_untimed_spec(qd)));
+            }
         }
     }
     eprintln!(
@@ -1136,9 +1183,20 @@ mod tests {
         o.console = "error: unknown option --disk\n".into();
         let failed = row(Vmm::Blkswarm, 32, &o, "read");
         assert!(failed.result.as_ref().unwrap_err().contains("exit code 1"));
-        let text = report(&Cli::default(), &[q, b, failed]);
-        assert!(text.contains("b/q          1       2.00"), "{text}");
-        assert!(text.contains("blkswarm    32     FAILED"), "{text}");
+        o.exit_code = Some(0);
+        o.done = true;
+        o.results[1].1 = "980".into();
+        let untimed = row(Vmm::BlkswarmUntimed, 1, &o, "read");
+        let text = report(&Cli::default(), &[q, b, failed, untimed]);
+        assert!(text.contains("b/q                 1       2.00"), "{text}");
+        assert!(text.contains("blkswarm           32     FAILED"), "{text}");
+        // 946 / 980 IOPS with timing on / off.
+        assert!(
+            text.contains("on/off              1       0.97   loss 3.5%"),
+            "{text}"
+        );
+        assert!(text
+            .contains("@@bench timing_overhead device=virtio-blk qd=1 iops_on=946 iops_off=980"));
         assert!(text.contains(
             "@@bench vmm=qemu device=virtio-blk qd=1 rw=randread bs=4k ioengine=libaio iops=473 "
         ));
