@@ -296,3 +296,81 @@ fn sigterm_prints_where_each_vcpu_and_disk_was_then_exits_143() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_api_socket_answers_while_the_guest_runs_and_the_report_is_written_at_exit() {
+    require_kvm();
+    let guest = TinyGuest::new("api", HALT);
+    let socket = guest.dir.join("api.sock");
+    let report_dir = guest.dir.join("report");
+    let child = Command::new(blkswarm())
+        .arg("--kernel")
+        .arg(guest.kernel())
+        .args(["--memory", "size=128M"])
+        .args(["--disk", "backend=null,size=1M,num_queues=2"])
+        .args(["--nvme", "backend=null,size=1M,max_ioqpairs=3"])
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--report")
+        .arg(&report_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("blkswarm runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ctl = Command::new(blkswarm())
+        .args(["ctl", "--api-socket"])
+        .arg(&socket)
+        .arg("stats")
+        .output()
+        .expect("blkswarm ctl runs");
+    assert!(ctl.status.success(), "{}", text(&ctl.stderr));
+    let live: serde_json::Value = serde_json::from_slice(&ctl.stdout).expect("JSON");
+    assert_eq!(live["schema"], "blkswarm-report/1");
+    let disks = live["disks"].as_array().expect("disks");
+    let kinds: Vec<&str> = disks.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["virtio-blk", "nvme"]);
+    // Nothing ran in the guest: every queue idle (2 virtqueues, 3 NVMe I/O SQ ids).
+    let idle: Vec<u64> = disks
+        .iter()
+        .filter_map(|d| d["idle_queues"].as_u64())
+        .collect();
+    assert_eq!(idle, [2, 3]);
+    assert_eq!(live["requests"], 0);
+    let bogus = Command::new(blkswarm())
+        .args(["ctl", "--api-socket"])
+        .arg(&socket)
+        .arg("frobnicate")
+        .output()
+        .expect("blkswarm ctl runs");
+    assert!(text(&bogus.stdout).contains("unknown request"));
+
+    // SAFETY: kill only sends a signal to the child we spawned (still unreaped).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("blkswarm exits");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "stderr: {stderr}");
+    assert!(
+        stderr.contains("@@vmm report requests=0 interrupts=0 disks=2 timing=1"),
+        "{stderr}"
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(written["disks"].as_array().map(Vec::len), Some(2));
+    assert!(!socket.exists(), "the socket goes with the VMM");
+    let unreachable = Command::new(blkswarm())
+        .args(["ctl", "--api-socket"])
+        .arg(&socket)
+        .arg("stats")
+        .output()
+        .expect("blkswarm ctl runs");
+    assert_eq!(unreachable.status.code(), Some(1));
+}
