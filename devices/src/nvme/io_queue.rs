@@ -280,6 +280,9 @@ pub struct IoSubmissionQueueShared {
     shadow: Mutex<Option<ShadowDoorbell>>,
     /// Timing and counts of this SQ id, kept across deletions and resets.
     pub latency: Arc<QueueLatency>,
+    /// When the last MMIO tail doorbell was written ([`crate::latency::now_ns`]), until the
+    /// handler's next pass takes it as the time its commands were notified; 0: none since.
+    doorbell_at: AtomicU64,
 }
 
 impl IoSubmissionQueueShared {
@@ -292,6 +295,7 @@ impl IoSubmissionQueueShared {
             counters: SubmissionQueueCounters::default(),
             shadow: Mutex::new(None),
             latency,
+            doorbell_at: AtomicU64::new(0),
         }
     }
 
@@ -316,6 +320,15 @@ impl IoSubmissionQueueShared {
             .doorbell_writes
             .fetch_add(1, Ordering::Relaxed);
         self.latency.count_notification();
+        if self.latency.timing() {
+            // The first doorbell since the handler last looked is when it was told.
+            let _ = self.doorbell_at.compare_exchange(
+                0,
+                crate::latency::now_ns(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         // Release: the handler that sees this tail also sees the entries the guest wrote
         // before ringing (the MMIO exit orders them before this store).
         self.tail.store(tail, Ordering::Release);
@@ -430,7 +443,15 @@ impl IoSubmissionQueueHandler {
     fn drain(&mut self, io: &mut IoSubmitter<'_>) {
         let shadow = self.shared.shadow();
         let mut budget = MAX_COMMANDS_PER_PASS;
-        self.pass_started = self.latency.stamp();
+        // Commands rung in by an MMIO doorbell were notified when it was written (the wake-up
+        // of this worker is part of their latency); others when this pass began.
+        let doorbell = self.shared.doorbell_at.swap(0, Ordering::Relaxed);
+        let now = self.latency.stamp();
+        self.pass_started = if doorbell != 0 {
+            doorbell.min(now)
+        } else {
+            now
+        };
         loop {
             if self.head == self.tail(shadow) {
                 let Some(shadow) = shadow else {
