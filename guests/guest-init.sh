@@ -477,6 +477,32 @@ scenario_ro_check() {
     fi
 }
 
+# Reads the first 16 4-KiB blocks of the disk one by one with O_DIRECT (one request each,
+# no readahead, no retries by the block layer), then writes them back the same way: what
+# failed, and the I/O errors the kernel logged for the disk, for a host that injects faults.
+scenario_fault_io() {
+    pick_disk || return 0
+    local block failed_reads=0 failed_writes=0 logged
+    for block in $(seq 0 15); do
+        if ! dd "if=/dev/$DISK" of=/tmp/block "bs=4096" count=1 "skip=$block" iflag=direct 2>/dev/null; then
+            failed_reads=$((failed_reads + 1))
+            out "read_failed=$block"
+            dd if=/dev/zero of=/tmp/block bs=4096 count=1 2>/dev/null
+        fi
+        if ! dd if=/tmp/block "of=/dev/$DISK" "bs=4096" count=1 "seek=$block" oflag=direct conv=notrunc 2>/dev/null; then
+            failed_writes=$((failed_writes + 1))
+            out "write_failed=$block"
+        fi
+    done
+    out "failed_reads=$failed_reads"
+    out "failed_writes=$failed_writes"
+    # virtio-blk: "I/O error, dev vda, sector ..."; NVMe: "critical medium error, dev
+    # nvme0n1, ..." (reads) and "critical target error" or "I/O error" (writes).
+    logged=$(dmesg | grep -c "error, dev $DISK, sector")
+    out "kernel_io_errors=$logged"
+    disk_accounting "$DISK"
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
@@ -487,6 +513,7 @@ main() {
         fio) scenario_fio ;;
         pattern-write) scenario_pattern_write ;;
         ro-check) scenario_ro_check ;;
+        fault-io) scenario_fault_io ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use devices::io::FaultSettings;
+
 use crate::stats::{self, MeasuredDisk};
 
 /// A request line longer than this is refused.
@@ -24,11 +26,62 @@ pub struct ApiState {
 
 /// The answer to one request line.
 fn answer(state: &ApiState, request: &str) -> String {
-    match request.trim() {
-        "stats" => serde_json::to_string(&stats::collect(&state.disks, state.timing))
+    let mut words = request.split_whitespace();
+    match words.next() {
+        Some("stats") => serde_json::to_string(&stats::collect(&state.disks, state.timing))
             .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
-        other => error_json(&format!("unknown request {other:?}; known: stats")),
+        Some("fault") => set_faults(state, words).unwrap_or_else(|e| error_json(&e)),
+        _ => error_json(&format!(
+            "unknown request {:?}; known: stats, fault pci=ADDRESS [KEY=VALUE...]",
+            request.trim()
+        )),
     }
+}
+
+/// `fault pci=0000:00:01.0 error_rate=0.1 read_latency=fixed:5ms ...`: changes the disk's
+/// fault settings (keys as the `fault_*` disk options, with or without the prefix; `clear`
+/// drops every setting first) and answers with the settings and counts now in force.
+fn set_faults<'a>(
+    state: &ApiState,
+    words: impl Iterator<Item = &'a str>,
+) -> Result<String, String> {
+    let mut pci = None;
+    let mut changes = Vec::new();
+    let mut clear = false;
+    for word in words {
+        match word.split_once('=') {
+            Some(("pci", address)) => pci = Some(address),
+            Some((key, value)) => changes.push((key.trim_start_matches("fault_"), value)),
+            None if word == "clear" => clear = true,
+            None => return Err(format!("{word:?}: expected KEY=VALUE or clear")),
+        }
+    }
+    let pci = pci.ok_or("fault: give pci=ADDRESS")?;
+    let disk = state
+        .disks
+        .iter()
+        .find(|disk| disk.address.to_string() == pci)
+        .ok_or_else(|| format!("fault: no disk at {pci}"))?;
+    let mut settings = if clear {
+        FaultSettings::default()
+    } else {
+        disk.faults.settings()
+    };
+    for (key, value) in changes {
+        settings
+            .set(key, value)
+            .map_err(|e| format!("fault: {e}"))?;
+    }
+    disk.faults.set(settings.clone());
+    let counts = disk.faults.counts();
+    Ok(serde_json::json!({
+        "pci": pci,
+        "settings": format!("{settings:?}"),
+        "errors": counts.errors,
+        "stuck": counts.stuck,
+        "delayed": counts.delayed,
+    })
+    .to_string())
 }
 
 fn error_json(message: &str) -> String {
@@ -105,6 +158,7 @@ pub fn request(socket: &Path, request: &str) -> io::Result<String> {
 mod tests {
     use super::*;
     use crate::stats::{DiskKind, MeasuredQueue, Report};
+    use devices::io::Faults;
     use devices::latency::QueueLatency;
     use devices::pci::PciAddress;
 
@@ -123,8 +177,10 @@ mod tests {
                 latency,
             }],
             msix: None,
+            faults: Arc::new(Faults::default()),
         }]);
         let path = std::env::temp_dir().join(format!("blkswarm-api-{}.sock", std::process::id()));
+        let state_disks = disks.clone();
         let server = spawn(
             &path,
             ApiState {
@@ -141,6 +197,27 @@ mod tests {
         assert_eq!(report.disks[0].idle_queues, 1, "q0 served nothing yet");
         let answer = request(&path, "frobnicate").unwrap();
         assert!(answer.contains("unknown request"), "{answer}");
+        // Faults at run time: set, refused, cleared.
+        let answer = request(
+            &path,
+            "fault pci=0000:00:01.0 fault_error_rate=0.5 stuck_rate=0.1",
+        )
+        .unwrap();
+        assert!(answer.contains("error_rate: 0.5"), "{answer}");
+        let faults = &state_disks[0].faults;
+        assert_eq!(faults.settings().stuck_rate, 0.1);
+        let answer = request(&path, "fault pci=0000:00:01.0 error_rate=2").unwrap();
+        assert!(answer.contains("\"error\""), "{answer}");
+        assert_eq!(
+            faults.settings().error_rate,
+            0.5,
+            "a refused change changes nothing"
+        );
+        assert!(request(&path, "fault pci=0000:09:00.0 clear")
+            .unwrap()
+            .contains("no disk"));
+        request(&path, "fault pci=0000:00:01.0 clear").unwrap();
+        assert_eq!(faults.settings(), FaultSettings::default());
         drop(server);
         assert!(!path.exists(), "the socket file goes with the server");
     }

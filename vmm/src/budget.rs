@@ -866,7 +866,8 @@ mod tests {
 
     #[test]
     fn configuration_types_stay_small() {
-        // 1000 disks expand into a Vec<DiskConfig>; keep the element small.
-        assert!(std::mem::size_of::<DiskConfig>() <= 48);
+        // 1000 disks expand into a Vec<DiskConfig>; keep the element small (a group's fault
+        // keys are one shared pointer, not a copy per disk).
+        assert!(std::mem::size_of::<DiskConfig>() <= 64);
     }
 }

@@ -2,6 +2,9 @@
 //! `--memory size=1G`, one option per concern, each taking a `key=value` list.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use devices::io::FaultSettings;
 
 /// Upper bound on vCPUs: the MADT uses xAPIC entries (8-bit APIC ids, 0xff is broadcast).
 pub const MAX_VCPUS: u32 = 254;
@@ -59,6 +62,9 @@ pub struct DiskConfig {
     pub msix_vectors: u16,
     /// Whether the function has a legacy INTx line (S1's fallback path).
     pub intx: bool,
+    /// Injected faults at start, as `(setting, value)` of [`devices::io::FaultSettings::set`]
+    /// (the `fault_*` keys without their prefix); shared by a group's disks, None without.
+    pub faults: Option<Arc<[(String, String)]>>,
 }
 
 impl DiskConfig {
@@ -97,6 +103,8 @@ pub struct NvmeConfig {
     pub mdts: u8,
     /// Serial number in Identify Controller; None: derived from the controller's index.
     pub serial: Option<String>,
+    /// Injected faults at start, as for [`DiskConfig::faults`]; shared by every namespace.
+    pub faults: Option<Arc<[(String, String)]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +205,14 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                                   0: no MSI-X capability at all (needs intx=on)
                  intx=on|off      a legacy INTx line (INTA, level-triggered, IOAPIC GSI
                                   16-23, shared) the guest falls back to (default off)
+      FAULT_KEYS (disks and NVMe controllers; also at run time: blkswarm ctl ... fault):
+                 fault_read_latency=D, fault_write_latency=D
+                                  extra latency before each read / write; D is
+                                  fixed:1ms, uniform:100us-5ms or exp:10ms (its p99)
+                 fault_error_rate=F  fraction of reads and writes that fail (EIO on
+                                  virtio-blk, a media error on NVMe)
+                 fault_error_sectors=START-END  reads and writes there fail
+                 fault_stuck_rate=F  fraction of reads and writes that never complete
   --nvme path=IMG[,readonly=on][,direct=on][,NVME_KEYS]
   --nvme backend=null,size=SIZE[,latency_us=N][,NVME_KEYS]
                          an NVMe PCI controller; repeatable
@@ -494,7 +510,12 @@ struct DiskKeys<'a> {
     nvme_queue_size: u32,
     mdts: u8,
     serial: Option<&'a str>,
+    /// `fault_*` keys, without the prefix, checked.
+    faults: Option<Arc<[(String, String)]>>,
 }
+
+/// Disk keys starting with this set injected faults (`fault_error_rate=0.01`).
+const FAULT_KEY_PREFIX: &str = "fault_";
 
 /// Whether an option describes NVMe controllers (else virtio-blk disks).
 fn is_nvme_option(option: &str) -> bool {
@@ -527,7 +548,9 @@ fn read_disk_keys<'a>(
         nvme_queue_size: u32::from(DEFAULT_NVME_QUEUE_SIZE),
         mdts: DEFAULT_NVME_MDTS,
         serial: None,
+        faults: None,
     };
+    let mut faults = Vec::new();
     let nvme = is_nvme_option(option);
     for (key, value) in key_values(list) {
         let number = |min: u64, max: u64| {
@@ -589,6 +612,13 @@ fn read_disk_keys<'a>(
                 keys.msix_vectors = Some(number(least, u64::from(MAX_MSIX_VECTORS))? as u16)
             }
             "intx" if !nvme => keys.intx = on_off(option, key, value)?,
+            _ if key.starts_with(FAULT_KEY_PREFIX) => {
+                let setting = &key[FAULT_KEY_PREFIX.len()..];
+                FaultSettings::default()
+                    .set(setting, value)
+                    .map_err(|why| bad_value(option, key, value, why))?;
+                faults.push((setting.to_string(), value.to_string()));
+            }
             _ => {
                 return Err(ConfigError::UnknownKey {
                     option: option.into(),
@@ -597,6 +627,7 @@ fn read_disk_keys<'a>(
             }
         }
     }
+    keys.faults = (!faults.is_empty()).then(|| Arc::from(faults));
     if keys.msix_vectors == Some(0) && !keys.intx {
         return Err(ConfigError::NoInterrupt {
             option: option.into(),
@@ -626,6 +657,7 @@ impl DiskKeys<'_> {
             msix_vectors: self.msix_vectors.unwrap_or(self.max_io_queue_pairs + 1),
             mdts: self.mdts,
             serial: self.serial.map(str::to_string),
+            faults: self.faults.clone(),
         })
     }
 }
@@ -642,6 +674,7 @@ impl DiskKeys<'_> {
                 .msix_vectors
                 .unwrap_or(DiskConfig::default_msix_vectors(self.num_queues)),
             intx: self.intx,
+            faults: self.faults.clone(),
         }
     }
 
@@ -912,6 +945,41 @@ mod tests {
     }
 
     #[test]
+    fn fault_keys() {
+        let config = run(&[
+            "--kernel",
+            "/k",
+            "--disks",
+            "count=3,backend=null,size=1G,fault_error_rate=0.01,fault_read_latency=exp:10ms",
+            "--nvme",
+            "backend=null,size=1G,fault_error_sectors=0-8,fault_stuck_rate=0.5",
+        ]);
+        let faults = config.disks[0].faults.clone().expect("fault keys");
+        assert_eq!(
+            &faults[..],
+            [
+                ("error_rate".to_string(), "0.01".to_string()),
+                ("read_latency".to_string(), "exp:10ms".to_string())
+            ]
+        );
+        assert!(
+            Arc::ptr_eq(&faults, config.disks[2].faults.as_ref().unwrap()),
+            "one copy per group"
+        );
+        assert_eq!(config.nvmes[0].faults.as_ref().map(|f| f.len()), Some(2));
+        for bad in [
+            "backend=null,size=1G,fault_error_rate=2",
+            "backend=null,size=1G,fault_read_latency=slow",
+            "backend=null,size=1G,fault_colour=red",
+        ] {
+            assert!(matches!(
+                parse(&["--kernel", "/k", "--disk", bad]),
+                Err(ConfigError::BadValue { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn measurement_options_and_subcommands() {
         let config = run(&["--kernel", "/k"]);
         assert!(config.timing);
@@ -1031,6 +1099,7 @@ mod tests {
                     queue_size: 128,
                     msix_vectors: 5,
                     intx: false,
+                    faults: None,
                 },
                 DiskConfig {
                     backend: DiskBackendConfig::Null {
@@ -1042,6 +1111,7 @@ mod tests {
                     queue_size: DEFAULT_QUEUE_SIZE,
                     msix_vectors: DEFAULT_NUM_QUEUES + 1,
                     intx: false,
+                    faults: None,
                 }
             ]
         );
@@ -1099,6 +1169,7 @@ mod tests {
             queue_size: DEFAULT_QUEUE_SIZE,
             msix_vectors: 3,
             intx: false,
+            faults: None,
         };
         assert!(disks.iter().all(|disk| *disk == expected));
     }
@@ -1122,6 +1193,7 @@ mod tests {
                 queue_size: 64,
                 msix_vectors: 2,
                 intx: false,
+                faults: None,
             }
         );
         assert_eq!(disks[0], disks[1]);
@@ -1346,6 +1418,7 @@ mod tests {
                 msix_vectors: 9,
                 mdts: 7,
                 serial: None,
+                faults: None,
             }
         );
         assert_eq!(

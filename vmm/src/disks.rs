@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use devices::io::{BackendError, BlockBackend, IoPool, IoPoolError};
+use devices::io::{BackendError, BlockBackend, FaultSettings, Faults, IoPool, IoPoolError};
 use devices::nvme::{ControllerConfig, NamespaceConfig};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use irq::intx::IntxResamplerHandle;
@@ -64,8 +64,22 @@ pub fn default_io_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn open_backend(disk: &DiskConfig) -> Result<BlockBackend, BackendError> {
-    open(&disk.backend, disk.read_only)
+fn open_backend(disk: &DiskConfig, faults: &Arc<Faults>) -> Result<BlockBackend, BackendError> {
+    open(&disk.backend, disk.read_only).map(|backend| backend.with_faults(faults.clone()))
+}
+
+/// A disk's faults from its `fault_*` keys (checked when parsed); `seed` makes each disk's
+/// random draws its own.
+fn faults(settings: Option<&[(String, String)]>, seed: u64) -> Arc<Faults> {
+    let mut fault_settings = FaultSettings::default();
+    for (key, value) in settings.unwrap_or_default() {
+        // Parsing checked every setting: a failure here is a bug, and must not start a VM
+        // with less than it was asked for.
+        fault_settings
+            .set(key, value)
+            .unwrap_or_else(|e| panic!("fault setting {key}={value}: {e}"));
+    }
+    Arc::new(Faults::new(fault_settings, seed))
 }
 
 fn open(backend: &DiskBackendConfig, read_only: bool) -> Result<BlockBackend, BackendError> {
@@ -102,17 +116,20 @@ pub struct Disks {
 fn nvme_controller_config(
     index: usize,
     nvme: &NvmeConfig,
+    faults: &Arc<Faults>,
 ) -> Result<ControllerConfig, BackendError> {
     let seed = (index as u64) << 16;
+    let open_namespace = || {
+        open(&nvme.backend, nvme.read_only)
+            .map(|backend| Arc::new(backend.with_faults(faults.clone())))
+    };
     let namespaces = match &nvme.backend {
         DiskBackendConfig::File { .. } => {
-            let backend = Arc::new(open(&nvme.backend, nvme.read_only)?);
-            vec![NamespaceConfig::with_seed(backend, seed + 1)]
+            vec![NamespaceConfig::with_seed(open_namespace()?, seed + 1)]
         }
         DiskBackendConfig::Null { .. } => (1..=u64::from(nvme.namespaces))
             .map(|nsid| {
-                open(&nvme.backend, nvme.read_only)
-                    .map(|backend| NamespaceConfig::with_seed(Arc::new(backend), seed + nsid))
+                open_namespace().map(|backend| NamespaceConfig::with_seed(backend, seed + nsid))
             })
             .collect::<Result<_, _>>()?,
     };
@@ -149,7 +166,9 @@ pub fn create_disks(
     let mut functions = Vec::with_capacity(disks.len());
     let mut measured = Vec::with_capacity(disks.len() + nvmes.len());
     for (index, disk) in disks.iter().enumerate() {
-        let backend = open_backend(disk).map_err(|source| DiskError::Backend { index, source })?;
+        let disk_faults = faults(disk.faults.as_deref(), index as u64);
+        let backend = open_backend(disk, &disk_faults)
+            .map_err(|source| DiskError::Backend { index, source })?;
         let block = Block::new(
             BlockConfig {
                 backend,
@@ -176,12 +195,14 @@ pub fn create_disks(
             kind: DiskKind::VirtioBlk,
             queues,
             msix: lock(&function.transport).msix().cloned(),
+            faults: disk_faults,
         });
         functions.push(function);
     }
     let mut nvme_functions = Vec::with_capacity(nvmes.len());
     for (index, nvme) in nvmes.iter().enumerate() {
-        let config = nvme_controller_config(index, nvme)
+        let controller_faults = faults(nvme.faults.as_deref(), (1 << 32) | index as u64);
+        let config = nvme_controller_config(index, nvme, &controller_faults)
             .map_err(|source| DiskError::NvmeBackend { index, source })?;
         let function = pci
             .add_nvme(config, nvme.msix_vectors, pool.clone())
@@ -200,6 +221,7 @@ pub fn create_disks(
                     })
                     .collect(),
                 msix: Some(guard.msix().clone()),
+                faults: controller_faults,
             });
         }
         nvme_functions.push(function);

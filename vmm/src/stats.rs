@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::io::Faults;
 use devices::latency::{now_ns, InFlightSeries, Phase, PhaseHistograms, QueueLatency};
 use devices::pci::PciAddress;
 use hdrhistogram::Histogram;
@@ -47,6 +48,8 @@ pub struct MeasuredDisk {
     pub kind: DiskKind,
     pub queues: Vec<MeasuredQueue>,
     pub msix: Option<Arc<Msix>>,
+    /// The disk's injected faults (every namespace of an NVMe controller shares them).
+    pub faults: Arc<Faults>,
 }
 
 /// Summary of one phase's histogram, in nanoseconds.
@@ -134,6 +137,16 @@ pub struct DiskReport {
     pub idle_queues: usize,
     /// Vectors that carried interrupts or are unmasked; others are left out.
     pub vectors: Vec<VectorReport>,
+    pub faults_injected: FaultReport,
+}
+
+/// What fault injection did to a disk's reads and writes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultReport {
+    pub errors: u64,
+    pub stuck: u64,
+    pub delayed: u64,
+    pub delay_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +261,15 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
                     .map(|queue| queue_report(queue, &mut merged))
                     .collect(),
                 vectors,
+                faults_injected: {
+                    let counts = disk.faults.counts();
+                    FaultReport {
+                        errors: counts.errors,
+                        stuck: counts.stuck,
+                        delayed: counts.delayed,
+                        delay_ms: milliseconds(counts.delay_ns),
+                    }
+                },
             }
         })
         .collect();
@@ -399,6 +421,7 @@ mod tests {
                 },
             ],
             msix: None,
+            faults: Arc::new(Faults::default()),
         }
     }
 

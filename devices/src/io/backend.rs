@@ -23,10 +23,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use io_uring::{opcode, types};
+
+use super::faults::{Fault, Faults};
 
 use super::pool::IoSubmitter;
 
@@ -67,6 +69,10 @@ pub enum BackendError {
     ShortTransfer(u64),
     #[error("I/O error")]
     Io(#[source] io::Error),
+    /// Fault injection failed the operation; `persistent`: it will fail again (a bad
+    /// sector range), else it was a random transient error.
+    #[error("injected fault")]
+    Injected { persistent: bool },
 }
 
 /// What an operation does.
@@ -93,6 +99,10 @@ pub struct BlockIo {
     transferred: u64,
     /// WRITE_ZEROES is being done by writing from the zero buffer.
     writing_zeroes: bool,
+    /// An injected delay (an io_uring timeout) runs before the operation itself. Boxed: the
+    /// kernel reads the timespec when the ring is entered, after `BlockIo` may have moved.
+    delay: Option<Box<types::Timespec>>,
+    delaying: bool,
 }
 
 // SAFETY: the raw pointers in `iovecs` designate guest memory or the process-wide zero buffer,
@@ -109,6 +119,7 @@ impl BlockIo {
         self.first_iovec = 0;
         self.transferred = 0;
         self.writing_zeroes = false;
+        self.delaying = false;
     }
 
     /// Adds a host buffer to a read or write.
@@ -468,34 +479,58 @@ impl NullDisk {
 
 /// Where a disk's blocks live.
 #[derive(Debug)]
-pub enum BlockBackend {
+enum Store {
     RawFile(RawFile),
     Null(NullDisk),
+}
+
+/// A disk's storage, and the faults injected in front of it.
+#[derive(Debug)]
+pub struct BlockBackend {
+    store: Store,
+    faults: Arc<Faults>,
 }
 
 impl BlockBackend {
     /// Opens a raw image; `direct` bypasses the host page cache (O_DIRECT).
     pub fn open_raw_file(path: &Path, direct: bool, read_only: bool) -> Result<Self, BackendError> {
-        RawFile::open(path, direct, read_only).map(Self::RawFile)
+        RawFile::open(path, direct, read_only).map(|file| Self::from_store(Store::RawFile(file)))
     }
 
     pub fn null(size: u64, latency: Option<Duration>) -> Self {
-        Self::Null(NullDisk::new(size, latency))
+        Self::from_store(Store::Null(NullDisk::new(size, latency)))
+    }
+
+    fn from_store(store: Store) -> Self {
+        BlockBackend {
+            store,
+            faults: Arc::new(Faults::default()),
+        }
+    }
+
+    /// Shares `faults` (settable at run time) with this backend.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        match self {
-            Self::RawFile(file) => file.size,
-            Self::Null(null) => null.size,
+        match &self.store {
+            Store::RawFile(file) => file.size,
+            Store::Null(null) => null.size,
         }
     }
 
     /// The backend itself refuses writes (a raw file opened read-only).
     pub fn read_only(&self) -> bool {
-        match self {
-            Self::RawFile(file) => file.read_only,
-            Self::Null(_) => false,
+        match &self.store {
+            Store::RawFile(file) => file.read_only,
+            Store::Null(_) => false,
         }
     }
 
@@ -513,11 +548,43 @@ impl BlockBackend {
         io: &mut BlockIo,
         ring: &mut IoSubmitter,
     ) -> Submitted {
-        match self {
+        match self.faults.decide(io.kind, io.offset, io.len) {
             // SAFETY: forwarded from our caller.
-            Self::RawFile(file) => unsafe { file.submit(request, io, ring) },
+            Fault::None => unsafe { self.submit_to_store(request, io, ring) },
+            Fault::Fail { persistent } => {
+                Submitted::Done(Err(BackendError::Injected { persistent }))
+            }
+            // Nothing goes to the ring: the request stays pending until its queue is removed.
+            Fault::Stick => Submitted::Pending,
+            Fault::Delay(delay) => {
+                let timespec = io.delay.get_or_insert_with(Default::default);
+                **timespec = types::Timespec::new()
+                    .sec(delay.as_secs())
+                    .nsec(delay.subsec_nanos());
+                let entry = opcode::Timeout::new(&**timespec).build();
+                io.delaying = true;
+                // SAFETY: the timespec is boxed in `io`, which the caller keeps alive and
+                // unmodified until the completion; the kernel copies it on submit.
+                unsafe { ring.push(request, entry) };
+                Submitted::Pending
+            }
+        }
+    }
+
+    /// # Safety
+    ///
+    /// As [`BlockBackend::submit`].
+    unsafe fn submit_to_store(
+        &self,
+        request: u32,
+        io: &mut BlockIo,
+        ring: &mut IoSubmitter,
+    ) -> Submitted {
+        match &self.store {
             // SAFETY: forwarded from our caller.
-            Self::Null(null) => unsafe { null.submit(request, io, ring) },
+            Store::RawFile(file) => unsafe { file.submit(request, io, ring) },
+            // SAFETY: forwarded from our caller.
+            Store::Null(null) => unsafe { null.submit(request, io, ring) },
         }
     }
 
@@ -534,10 +601,15 @@ impl BlockBackend {
         result: i32,
         ring: &mut IoSubmitter,
     ) -> Submitted {
-        match self {
+        if std::mem::take(&mut io.delaying) {
+            // The injected delay is over: now the operation itself.
             // SAFETY: forwarded from our caller.
-            Self::RawFile(file) => unsafe { file.complete(request, io, result, ring) },
-            Self::Null(null) => null.complete(io, result),
+            return unsafe { self.submit_to_store(request, io, ring) };
+        }
+        match &self.store {
+            // SAFETY: forwarded from our caller.
+            Store::RawFile(file) => unsafe { file.complete(request, io, result, ring) },
+            Store::Null(null) => null.complete(io, result),
         }
     }
 }

@@ -6,8 +6,10 @@
 //! [`BlockBackend`].
 
 pub mod backend;
+pub mod faults;
 pub mod pool;
 mod user_data;
 
 pub use backend::{BackendError, BlockBackend, BlockIo, BlockIoKind, Submitted};
+pub use faults::{FaultCounts, FaultSettings, Faults};
 pub use pool::{IoPool, IoPoolError, IoSubmitter, QueueHandler, QueueRegistration};

@@ -861,3 +861,61 @@ fn injected_backend_latency_shows_in_the_nvme_backend_phase_only() {
     let histograms = sq_latency(&driver, 1).histograms().expect("timed");
     assert_only_the_backend_phase_is_slow(&histograms, LATENCY_NS);
 }
+
+#[test]
+fn injected_faults_give_media_errors_stuck_commands_and_survive_a_reset() {
+    let mut settings = crate::io::FaultSettings::default();
+    settings.set("error_sectors", "8-9").unwrap();
+    let faults = Arc::new(crate::io::Faults::new(settings, 1));
+    let backend = Arc::new(BlockBackend::null(1 << 20, None).with_faults(faults.clone()));
+    let mut driver = with_queue_pair(config_with(vec![NamespaceConfig::with_seed(backend, 1)]));
+    // A bad range fails every retry: media errors with Do Not Retry.
+    let read = driver.io(1, 1, rw(OPC_READ, 1, 8, 1, READ_BUFFER, 0).build());
+    assert_eq!(
+        read.status,
+        Status {
+            do_not_retry: true,
+            ..Status::UNRECOVERED_READ_ERROR
+        }
+    );
+    let write = driver.io(1, 1, rw(OPC_WRITE, 1, 7, 2, WRITE_BUFFER, 0).build());
+    assert_eq!(
+        write.status,
+        Status {
+            do_not_retry: true,
+            ..Status::WRITE_FAULT
+        }
+    );
+    assert_eq!(
+        driver
+            .io(1, 1, rw(OPC_READ, 1, 9, 1, READ_BUFFER, 0).build())
+            .status,
+        Status::SUCCESS
+    );
+    assert_eq!(faults.counts().errors, 2);
+
+    // A command that never completes: the host times out and resets the controller.
+    let mut settings = crate::io::FaultSettings::default();
+    settings.set("stuck_rate", "1").unwrap();
+    faults.set(settings);
+    driver.queue_command(1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build(), true);
+    assert_eq!(driver.wait_quietly_for(1, Duration::from_millis(100)), None);
+    assert_eq!(faults.counts().stuck, 1);
+    faults.set(crate::io::FaultSettings::default());
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    assert_eq!(driver.create_cq(1, 64, 1), Status::SUCCESS);
+    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
+    assert_eq!(
+        driver
+            .io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build())
+            .status,
+        Status::SUCCESS
+    );
+    let (_, latency) = driver.controller.io_queue_latency().next().unwrap();
+    assert_eq!(
+        latency.counts().in_flight,
+        0,
+        "the stuck command left with its queue"
+    );
+}

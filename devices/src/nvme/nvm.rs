@@ -287,7 +287,19 @@ pub fn backend_error_status(kind: BlockIoKind, error: &BackendError) -> Status {
         // A deallocate the file system refuses (Linux maps Invalid Field to BLK_STS_NOTSUPP).
         BackendError::Unsupported => Status::INVALID_FIELD,
         BackendError::Unaligned | BackendError::TooManyBuffers => Status::INVALID_FIELD,
-        _ if kind == BlockIoKind::Read => Status::UNRECOVERED_READ_ERROR,
+        // A bad sector range fails every retry: say so, as a drive would with Do Not Retry.
+        BackendError::Injected { persistent: true } => Status {
+            do_not_retry: true,
+            ..media_error(kind)
+        },
+        _ => media_error(kind),
+    }
+}
+
+/// A host-side I/O error of a `kind` operation, as NVMe media status.
+fn media_error(kind: BlockIoKind) -> Status {
+    match kind {
+        BlockIoKind::Read => Status::UNRECOVERED_READ_ERROR,
         _ => Status::WRITE_FAULT,
     }
 }

@@ -1387,3 +1387,69 @@ fn injected_backend_latency_shows_in_the_backend_phase_only() {
         .expect("timed requests");
     assert_only_the_backend_phase_is_slow(&histograms, LATENCY_NS);
 }
+
+fn faulty(settings: &[(&str, &str)]) -> (BlockBackend, Arc<crate::io::Faults>) {
+    let mut fault_settings = crate::io::FaultSettings::default();
+    for (key, value) in settings {
+        fault_settings.set(key, value).unwrap();
+    }
+    let faults = Arc::new(crate::io::Faults::new(fault_settings, 1));
+    (
+        BlockBackend::null(1 << 20, None).with_faults(faults.clone()),
+        faults,
+    )
+}
+
+#[test]
+fn injected_errors_fail_their_sectors_with_ioerr_and_are_counted() {
+    let (backend, faults) = faulty(&[("error_sectors", "16-24")]);
+    let mut harness = Harness::new(backend, Options::default());
+    assert_eq!(harness.read(0, 4096).0, VIRTIO_BLK_S_OK);
+    assert_eq!(harness.read(16, 512).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(harness.write(20, &[1; 512]), VIRTIO_BLK_S_IOERR);
+    assert_eq!(harness.read(24, 512).0, VIRTIO_BLK_S_OK);
+    assert_eq!(faults.counts().errors, 2);
+    assert_eq!(harness.counters().errors_backend, 2);
+    // Cleared at run time: the same sectors work again.
+    faults.set(crate::io::FaultSettings::default());
+    assert_eq!(harness.read(16, 512).0, VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn stuck_requests_never_complete_and_a_reset_still_works() {
+    let (backend, faults) = faulty(&[("stuck_rate", "1")]);
+    let mut harness = Harness::new(backend, Options::default());
+    let area = harness.area(0);
+    let (header, status) = harness.header(area, VIRTIO_BLK_T_IN, 0);
+    let data = Buffer::writable(area.unchecked_add(DATA_OFFSET), 512);
+    let q = &mut harness.queues[0];
+    let head = q.add_chain(&[header, data, status]);
+    q.publish(head);
+    q.kick();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(harness.queues[0].pop_used().is_none(), "stuck");
+    assert_eq!(faults.counts().stuck, 1);
+    assert_eq!(harness.block.queue_latency()[0].counts().in_flight, 1);
+    // The driver gives up and resets the device: the stuck request goes with the queue.
+    faults.set(crate::io::FaultSettings::default());
+    harness.block.reset();
+    harness.activate();
+    assert_eq!(harness.block.queue_latency()[0].counts().in_flight, 0);
+    assert_eq!(harness.read(0, 512).0, VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn injected_read_latency_delays_reads_only() {
+    let (backend, faults) = faulty(&[("read_latency", "fixed:20ms")]);
+    let mut harness = Harness::new(backend, Options::default());
+    let start = Instant::now();
+    assert_eq!(harness.read(0, 512).0, VIRTIO_BLK_S_OK);
+    assert!(start.elapsed() >= Duration::from_millis(20));
+    assert_eq!(harness.write(0, &[7; 512]), VIRTIO_BLK_S_OK);
+    let counts = faults.counts();
+    assert_eq!((counts.delayed, counts.delay_ns), (1, 20_000_000));
+    let backend_phase =
+        &harness.block.queue_latency()[0].histograms().unwrap()[Phase::Backend.index()];
+    assert_eq!(backend_phase.len(), 2);
+    assert!(backend_phase.max() >= 19_800_000, "{}", backend_phase.max());
+}
