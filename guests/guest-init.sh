@@ -14,6 +14,7 @@
 #   blkswarm.disk=NAME       fio, pattern-write, ro-check: the disk (default: the first)
 #   fio: blkswarm.rw= bs= iodepth= numjobs= runtime= size= ioengine= direct= verify=
 #   pattern-write: blkswarm.seed=N blkswarm.sectors=N
+#   durability: blkswarm.seed=N blkswarm.sectors=N (a multiple of 128)
 #   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
 #
 # Output: only result lines "@@guest key=value ..." (serial output is expensive in the
@@ -503,6 +504,26 @@ scenario_fault_io() {
     disk_accounting "$DISK"
 }
 
+# Writes the pattern in 64-KiB chunks, each with O_DIRECT and an fsync (a flush the device
+# must complete only once the chunk is durable), printing after each completed flush how
+# many sectors are acknowledged; a host that kills the VMM at any moment must find at least
+# those sectors in the image.
+scenario_durability() {
+    pick_disk || return 0
+    local chunk=0 chunks=$((SECTORS / 128))
+    while [ "$chunk" -lt "$chunks" ]; do
+        blkswarm-pattern "$SEED" 128 $((chunk * 128)) |
+            dd "of=/dev/$DISK" bs=65536 count=1 "seek=$chunk" iflag=fullblock oflag=direct \
+                conv=notrunc,fsync 2>/tmp/dd.err || {
+            out "error=durability-write $(first_line /tmp/dd.err)"
+            return 0
+        }
+        chunk=$((chunk + 1))
+        out "flushed_sectors=$((chunk * 128))"
+    done
+    out "durability_done=$((chunks * 128))"
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
@@ -514,6 +535,7 @@ main() {
         pattern-write) scenario_pattern_write ;;
         ro-check) scenario_ro_check ;;
         fault-io) scenario_fault_io ;;
+        durability) scenario_durability ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;
