@@ -4,6 +4,7 @@
 //! process by a test without KVM. The VMM owns the buses and wires the models to KVM exits.
 
 pub mod bus;
+pub mod fuzzing;
 pub mod io;
 pub mod latency;
 pub mod legacy;

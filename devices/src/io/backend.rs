@@ -146,6 +146,11 @@ impl BlockIo {
         self.len == 0
     }
 
+    /// The host buffers of a read or write.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+
     pub fn buffer_count(&self) -> usize {
         self.iovecs.len()
     }

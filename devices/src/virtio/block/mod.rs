@@ -8,7 +8,7 @@
 
 mod config;
 mod queue;
-mod request;
+pub mod request;
 #[cfg(test)]
 mod tests;
 
