@@ -123,6 +123,7 @@ pub fn nvme_io_command(data: &[u8]) {
         write_through: false.into(),
         fatal: false.into(),
         invalid_shadow_doorbell_values: 0.into(),
+        halted: false.into(),
     };
     let mut operation = Operation::default();
     let mut segments = Vec::new();

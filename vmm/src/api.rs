@@ -7,7 +7,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use devices::io::FaultSettings;
@@ -31,11 +31,37 @@ fn answer(state: &ApiState, request: &str) -> String {
         Some("stats") => serde_json::to_string(&stats::collect(&state.disks, state.timing))
             .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
         Some("fault") => set_faults(state, words).unwrap_or_else(|e| error_json(&e)),
+        Some("fatal") => controller_fatal(state, words).unwrap_or_else(|e| error_json(&e)),
         _ => error_json(&format!(
-            "unknown request {:?}; known: stats, fault pci=ADDRESS [KEY=VALUE...]",
+            "unknown request {:?}; known: stats, fault pci=ADDRESS [KEY=VALUE...], \
+             fatal pci=ADDRESS",
             request.trim()
         )),
     }
+}
+
+/// `fatal pci=0000:00:01.0`: sets the NVMe controller's fatal status (CSTS.CFS); it fetches
+/// no more commands until the guest resets it.
+fn controller_fatal<'a>(
+    state: &ApiState,
+    mut words: impl Iterator<Item = &'a str>,
+) -> Result<String, String> {
+    let pci = words
+        .next()
+        .and_then(|word| word.strip_prefix("pci="))
+        .ok_or("fatal: give pci=ADDRESS")?;
+    let function = state
+        .disks
+        .iter()
+        .find(|disk| disk.address.to_string() == pci)
+        .ok_or_else(|| format!("fatal: no disk at {pci}"))?
+        .nvme
+        .as_ref()
+        .ok_or_else(|| format!("fatal: {pci} is not an NVMe controller"))?;
+    let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
+    function.controller_mut().fatal_error();
+    let counters = function.controller().counters();
+    Ok(serde_json::json!({ "pci": pci, "fatal_errors": counters.fatal_errors }).to_string())
 }
 
 /// `fault pci=0000:00:01.0 error_rate=0.1 read_latency=fixed:5ms ...`: changes the disk's
@@ -178,6 +204,7 @@ mod tests {
             }],
             msix: None,
             faults: Arc::new(Faults::default()),
+            nvme: None,
         }]);
         let path = std::env::temp_dir().join(format!("blkswarm-api-{}.sock", std::process::id()));
         let state_disks = disks.clone();

@@ -236,6 +236,11 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
 
        blkswarm ctl --api-socket PATH stats
                          print the JSON report of the blkswarm serving PATH
+       blkswarm ctl --api-socket PATH fault pci=ADDRESS [clear] [KEY=VALUE]...
+                         change a disk's injected faults (FAULT_KEYS without fault_)
+       blkswarm ctl --api-socket PATH fatal pci=ADDRESS
+                         set an NVMe controller's fatal status (CSTS.CFS): it fetches
+                         nothing more until the guest resets it
        blkswarm plot REPORT.json DIR
                          draw the SVG plots of a report into DIR
 
@@ -385,8 +390,14 @@ fn parse_ctl(mut args: impl Iterator<Item = String>) -> Result<Command, ConfigEr
                 socket = Some(PathBuf::from(path));
             }
             _ if arg.starts_with('-') => return Err(ConfigError::UnknownOption(arg)),
-            _ if request.is_none() => request = Some(arg),
-            _ => return Err(ConfigError::UnknownOption(arg)),
+            // The request's words, e.g. `fault pci=0000:00:01.0 error_rate=0.1`.
+            _ => {
+                let words: &mut String = request.get_or_insert_with(String::new);
+                if !words.is_empty() {
+                    words.push(' ');
+                }
+                words.push_str(&arg);
+            }
         }
     }
     Ok(Command::Ctl {
@@ -1012,6 +1023,20 @@ mod tests {
             parse(&["ctl", "--api-socket", "/s", "stats"])
         );
         assert!(parse(&["ctl", "stats"]).is_err(), "no socket");
+        assert_eq!(
+            parse(&[
+                "ctl",
+                "--api-socket",
+                "/s",
+                "fault",
+                "pci=0000:00:01.0",
+                "clear"
+            ]),
+            Ok(Command::Ctl {
+                socket: PathBuf::from("/s"),
+                request: "fault pci=0000:00:01.0 clear".into()
+            })
+        );
         assert!(parse(&["ctl", "--api-socket", "/s"]).is_err(), "no request");
         assert_eq!(
             parse(&["plot", "r.json", "out"]),

@@ -196,6 +196,7 @@ pub fn create_disks(
             queues,
             msix: lock(&function.transport).msix().cloned(),
             faults: disk_faults,
+            nvme: None,
         });
         functions.push(function);
     }
@@ -222,6 +223,7 @@ pub fn create_disks(
                     .collect(),
                 msix: Some(guard.msix().clone()),
                 faults: controller_faults,
+                nvme: Some(function.function.clone()),
             });
         }
         nvme_functions.push(function);

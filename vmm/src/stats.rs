@@ -9,12 +9,13 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::io::Faults;
 use devices::latency::{now_ns, InFlightSeries, Phase, PhaseHistograms, QueueLatency};
+use devices::nvme::pci::NvmePciFunction;
 use devices::pci::PciAddress;
 use hdrhistogram::Histogram;
 use irq::msix::Msix;
@@ -50,6 +51,8 @@ pub struct MeasuredDisk {
     pub msix: Option<Arc<Msix>>,
     /// The disk's injected faults (every namespace of an NVMe controller shares them).
     pub faults: Arc<Faults>,
+    /// The NVMe controller's function, for its counts and for controller faults.
+    pub nvme: Option<Arc<Mutex<NvmePciFunction>>>,
 }
 
 /// Summary of one phase's histogram, in nanoseconds.
@@ -138,6 +141,15 @@ pub struct DiskReport {
     /// Vectors that carried interrupts or are unmasked; others are left out.
     pub vectors: Vec<VectorReport>,
     pub faults_injected: FaultReport,
+    /// NVMe only: controller fatal errors (CSTS.CFS) and resets by the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerReport>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControllerReport {
+    pub fatal_errors: u64,
+    pub resets: u64,
 }
 
 /// What fault injection did to a disk's reads and writes.
@@ -261,6 +273,17 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
                     .map(|queue| queue_report(queue, &mut merged))
                     .collect(),
                 vectors,
+                controller: disk.nvme.as_ref().map(|function| {
+                    let counters = function
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .controller()
+                        .counters();
+                    ControllerReport {
+                        fatal_errors: counters.fatal_errors,
+                        resets: counters.resets,
+                    }
+                }),
                 faults_injected: {
                     let counts = disk.faults.counts();
                     FaultReport {
@@ -422,6 +445,7 @@ mod tests {
             ],
             msix: None,
             faults: Arc::new(Faults::default()),
+            nvme: None,
         }
     }
 

@@ -345,6 +345,24 @@ fn the_api_socket_answers_while_the_guest_runs_and_the_report_is_written_at_exit
         .collect();
     assert_eq!(idle, [2, 3]);
     assert_eq!(live["requests"], 0);
+    let ctl = |request: &[&str]| {
+        let out = Command::new(blkswarm())
+            .args(["ctl", "--api-socket"])
+            .arg(&socket)
+            .args(request)
+            .output()
+            .expect("blkswarm ctl runs");
+        text(&out.stdout)
+    };
+    let nvme_pci = disks[1]["pci"].as_str().unwrap().to_string();
+    let virtio_pci = disks[0]["pci"].as_str().unwrap().to_string();
+    let answer = ctl(&["fatal", &format!("pci={nvme_pci}")]);
+    assert!(answer.contains("\"fatal_errors\":1"), "{answer}");
+    assert!(ctl(&["fatal", &format!("pci={virtio_pci}")]).contains("not an NVMe controller"));
+    let answer = ctl(&["fault", &format!("pci={virtio_pci}"), "error_rate=0.25"]);
+    assert!(answer.contains("error_rate: 0.25"), "{answer}");
+    let live: serde_json::Value = serde_json::from_str(&ctl(&["stats"])).unwrap();
+    assert_eq!(live["disks"][1]["controller"]["fatal_errors"], 1);
     let bogus = Command::new(blkswarm())
         .args(["ctl", "--api-socket"])
         .arg(&socket)

@@ -441,6 +441,10 @@ impl IoSubmissionQueueHandler {
     }
 
     fn drain(&mut self, io: &mut IoSubmitter<'_>) {
+        if self.context.halted.load(Ordering::SeqCst) {
+            // A failed controller: the host sees its commands time out and resets it.
+            return;
+        }
         let shadow = self.shared.shadow();
         let mut budget = MAX_COMMANDS_PER_PASS;
         // Commands rung in by an MMIO doorbell were notified when it was written (the wake-up

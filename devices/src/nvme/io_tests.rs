@@ -919,3 +919,36 @@ fn injected_faults_give_media_errors_stuck_commands_and_survive_a_reset() {
         "the stuck command left with its queue"
     );
 }
+
+#[test]
+fn a_fatal_controller_stops_fetching_until_the_host_resets_it() {
+    let mut driver = with_queue_pair(config_with(vec![null_namespace(1 << 16, 1)]));
+    assert_eq!(
+        driver
+            .io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build())
+            .status,
+        Status::SUCCESS
+    );
+    driver.controller.fatal_error();
+    assert_ne!(driver.csts() & CSTS_CFS, 0);
+    driver.queue_command(1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build(), true);
+    assert_eq!(
+        driver.wait_quietly_for(1, Duration::from_millis(100)),
+        None,
+        "a failed controller completes nothing"
+    );
+    // The host's timeout handling: reset, bring up again, I/O flows.
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    assert_eq!(driver.csts() & CSTS_CFS, 0);
+    assert_eq!(driver.create_cq(1, 64, 1), Status::SUCCESS);
+    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
+    assert_eq!(
+        driver
+            .io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build())
+            .status,
+        Status::SUCCESS
+    );
+    let counters = driver.controller.counters();
+    assert_eq!((counters.fatal_errors, counters.resets), (1, 1));
+}

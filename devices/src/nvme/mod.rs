@@ -351,6 +351,8 @@ pub struct NvmeCounters {
     pub io_queue_registration_failures: u64,
     /// Shadow doorbell values beyond their queue (or a CQ head past the posted entries).
     pub invalid_shadow_doorbell_values: u64,
+    /// Controller resets by the host (CC.EN 1 -> 0).
+    pub resets: u64,
 }
 
 /// An I/O SQ: the state shared with its handler, its CQ, and its place in the pool.
@@ -409,6 +411,7 @@ impl NvmeController {
             write_through: AtomicBool::new(!features.volatile_write_cache),
             fatal: AtomicBool::new(false),
             invalid_shadow_doorbell_values: AtomicU64::new(0),
+            halted: AtomicBool::new(false),
         });
         NvmeController {
             registers: RegisterFile::new(config.max_queue_entries),
@@ -530,9 +533,11 @@ impl NvmeController {
     }
 
     /// Sets CSTS.CFS: the host must reset the controller (CC.EN 1 -> 0) to use it again.
+    /// Until then the I/O queues fetch nothing (the admin queue already stops on CFS).
     pub fn fatal_error(&mut self) {
         self.counters.fatal_errors += 1;
         self.registers.csts |= registers::CSTS_CFS;
+        self.io.halted.store(true, Ordering::SeqCst);
     }
 
     /// An I/O queue lost its guest memory: report it as a controller fatal status.
@@ -647,7 +652,9 @@ impl NvmeController {
         self.doorbell_buffers = None;
         // A fatal error of the previous life is cleared by the reset.
         self.io.fatal.store(false, Ordering::SeqCst);
+        self.io.halted.store(false, Ordering::SeqCst);
         self.registers.csts = 0;
+        self.counters.resets += 1;
     }
 
     /// Stops serving every I/O SQ (blocking until each is quiesced) and drops all I/O queues.

@@ -87,6 +87,9 @@ pub struct IoContext {
     pub fatal: AtomicBool,
     /// Shadow doorbell values beyond their queue, ignored (see [`super::shadow`]).
     pub invalid_shadow_doorbell_values: AtomicU64,
+    /// CSTS.CFS is set: the I/O queues fetch no more commands until the host resets the
+    /// controller, as a failed controller would (commands already at the backend finish).
+    pub halted: AtomicBool,
 }
 
 /// One command's backend work: a first operation, then possibly more Deallocate ranges and a

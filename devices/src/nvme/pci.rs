@@ -197,6 +197,11 @@ impl NvmePciFunction {
         &self.controller
     }
 
+    /// For faults injected from outside (controller fatal status).
+    pub fn controller_mut(&mut self) -> &mut NvmeController {
+        &mut self.controller
+    }
+
     pub fn msix(&self) -> &Arc<Msix> {
         &self.msix
     }
