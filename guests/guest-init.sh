@@ -380,6 +380,8 @@ scenario_fio() {
     if [ -n "$FIO_VERIFY" ]; then
         if [ "$rc" = 0 ] && [ "${err:-0}" = 0 ]; then out "fio_verify=ok"; else out "fio_verify=failed"; fi
     fi
+    # Controller resets the kernel logged (NVMe: "... will reset", "resetting controller").
+    out "kernel_resets=$(dmesg | grep -c -i 'will reset\|resetting controller')"
     disk_accounting "$DISK"
 }
 

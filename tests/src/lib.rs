@@ -285,6 +285,26 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The command line that runs `spec`'s VMM where guests run in `mode` (L1's paths in the
+/// lab, the host's directly), for steps that start blkswarm themselves (a kill, a control
+/// socket request while the guest runs).
+pub fn vmm_argv(spec: &GuestSpec, mode: Mode) -> Vec<String> {
+    match mode {
+        Mode::Lab => spec.argv(lab::LAB_BIN, lab::LAB_KERNEL, lab::LAB_INITRAMFS),
+        Mode::Direct => {
+            let paths = paths::Paths::from_env();
+            let bin = paths
+                .vmm_bin()
+                .map_or_else(|_| "blkswarm".into(), |p| p.display().to_string());
+            spec.argv(
+                &bin,
+                &paths.guest_kernel().display().to_string(),
+                &paths.guest_initramfs().display().to_string(),
+            )
+        }
+    }
+}
+
 /// The `key=value` words of a result or report line (other words are skipped).
 pub fn words(line: &str) -> BTreeMap<&str, &str> {
     line.split_whitespace()
@@ -696,10 +716,14 @@ impl Runner {
                     );
                     let (mut retried, _) = lab::run(&cfg, specs)?;
                     for i in flaky {
+                        // One line: the first attempt's console tail holds lines of
+                        // other guests, which must not pass for this one's.
                         let first = outcomes[i]
                             .lost
-                            .clone()
-                            .unwrap_or_else(|| tail(&outcomes[i].console, 5));
+                            .as_deref()
+                            .and_then(|why| why.lines().next())
+                            .unwrap_or("a triple fault")
+                            .to_string();
                         let mut outcome = std::mem::replace(
                             &mut retried[i],
                             GuestOutcome::new(&specs[i].name, Mode::Lab),

@@ -11,9 +11,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use harness::lab::{LAB_BIN, LAB_INITRAMFS, LAB_KERNEL};
-use harness::paths::Paths;
-use harness::{shell, GuestSpec, Mode, SharedRun};
+use harness::{shell, vmm_argv, GuestSpec, Mode, SharedRun};
 
 const SEED: u32 = 4242;
 /// 200 chunks of 128 sectors: long enough that a kill lands in the middle.
@@ -63,20 +61,7 @@ fn kill_after(mode: Mode, trial: usize) -> u64 {
 fn trial_script(mode: Mode, trial: usize, seconds: u64) -> String {
     let dir = image_dir(mode);
     let image = format!("{dir}/trial{trial}.img");
-    let (bin, kernel, initramfs) = match mode {
-        Mode::Lab => (LAB_BIN.into(), LAB_KERNEL.into(), LAB_INITRAMFS.into()),
-        Mode::Direct => {
-            let paths = Paths::from_env();
-            (
-                paths
-                    .vmm_bin()
-                    .map_or_else(|_| "blkswarm".into(), |p| p.display().to_string()),
-                paths.guest_kernel().display().to_string(),
-                paths.guest_initramfs().display().to_string(),
-            )
-        }
-    };
-    let argv = writer("trial", &image).argv(&bin, &kernel, &initramfs);
+    let argv = vmm_argv(&writer("trial", &image), mode);
     let out = format!("{dir}/trial{trial}.out");
     format!(
         "mkdir -p {dir}; rm -f {image}; truncate -s 64M {image}\n\

@@ -1,12 +1,14 @@
 //! Fault injection seen from a real Linux guest: blkswarm fails the reads and writes of a
 //! sector range (set at start with `fault_error_sectors`), the guest's O_DIRECT requests to
 //! those sectors fail, its kernel logs each one, every other request succeeds, the VMM stays
-//! up, and the host's count of injected errors is what the guest saw.
+//! up, and the host's count of injected errors is what the guest saw. And at run time: an
+//! NVMe controller put in fatal status through the control socket while fio runs is reset
+//! by the guest, and fio finishes without an error.
 
 use std::time::Duration;
 
 use harness::report::guest_disk;
-use harness::{GuestOutcome, GuestSpec, Mode, SharedRun};
+use harness::{shell, vmm_argv, words, GuestOutcome, GuestSpec, Mode, SharedRun};
 
 /// Sectors 64..72: the guest's 4-KiB block 8.
 const BAD_SECTORS: &str = "64-72";
@@ -19,7 +21,50 @@ fn fault_io(name: &str, option: &str, disk: &str) -> GuestSpec {
         .arg(format!("{disk},fault_error_sectors={BAD_SECTORS}"))
 }
 
-fn specs(_mode: Mode) -> Vec<GuestSpec> {
+/// fio on an NVMe controller; `ctl fatal` once it runs; the guest's 5-second I/O timeout
+/// finds CSTS.CFS and resets the controller.
+fn fatal_during_fio(mode: Mode) -> GuestSpec {
+    let dir = match mode {
+        Mode::Lab => "/tmp/blkswarm-fatal".to_string(),
+        Mode::Direct => std::env::temp_dir()
+            .join(format!("blkswarm-fatal-{}", std::process::id()))
+            .display()
+            .to_string(),
+    };
+    let socket = format!("{dir}/api.sock");
+    let guest = GuestSpec::new("fio", "fio")
+        .cpus(2, 2)
+        .cmdline(
+            "nvme_core.io_timeout=5 blkswarm.rw=randread blkswarm.bs=4k blkswarm.iodepth=4 \
+             blkswarm.numjobs=1 blkswarm.runtime=25 blkswarm.ioengine=libaio blkswarm.direct=1",
+        )
+        .arg("--nvme")
+        .arg("backend=null,size=64M,max_ioqpairs=2")
+        .arg("--api-socket")
+        .arg(&socket);
+    let vmm = vmm_argv(&guest, mode);
+    let mut ctl = vmm[..1].to_vec();
+    ctl.extend(["ctl", "--api-socket", &socket, "fatal", "pci=0000:00:01.0"].map(String::from));
+    let script = format!(
+        "mkdir -p {dir}; rm -f {dir}/out\n\
+         {vmm} >{dir}/out 2>&1 &\n\
+         pid=$!\n\
+         i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
+         sleep 4\n\
+         answer=$({ctl} 2>&1)\n\
+         wait $pid; rc=$?\n\
+         cat {dir}/out\n\
+         echo \"@@guest ctl_answer=$answer\"\n\
+         exit $rc\n",
+        vmm = shell::join(&vmm),
+        ctl = shell::join(&ctl),
+    );
+    GuestSpec::new("nvme_fatal_during_fio", "boot")
+        .timeout(Duration::from_secs(240))
+        .custom_command(["sh", "-c", &script])
+}
+
+fn specs(mode: Mode) -> Vec<GuestSpec> {
     vec![
         fault_io("virtio_faults", "--disk", "backend=null,size=64M"),
         fault_io(
@@ -27,6 +72,7 @@ fn specs(_mode: Mode) -> Vec<GuestSpec> {
             "--nvme",
             "backend=null,size=64M,max_ioqpairs=1",
         ),
+        fatal_during_fio(mode),
     ]
 }
 
@@ -61,4 +107,33 @@ fn virtio_blk_fails_the_injected_sectors_and_nothing_else() {
 #[test]
 fn nvme_fails_the_injected_sectors_with_media_errors() {
     check(RUN.clean("nvme_faults"));
+}
+
+#[test]
+fn an_nvme_controller_failed_at_run_time_is_reset_by_the_guest_and_io_resumes() {
+    let o = RUN.clean("nvme_fatal_during_fio");
+    let answer = o.get("ctl_answer").expect("ctl_answer");
+    assert!(answer.contains("\"fatal_errors\":1"), "{answer}");
+    o.expect_result("fio_rc", "0");
+    o.expect_result("fio_errors", "0");
+    let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
+    assert!(resets >= 1, "the guest logged no controller reset");
+    // The host saw the guest's reset (CC.EN 1 -> 0 after the fatal status; the guest's
+    // shutdown at power-off may add one) and the controller served I/O again.
+    let controller = o
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("@@vmm nvme "))
+        .map(words)
+        .expect("an @@vmm nvme line");
+    assert_eq!(controller.get("fatal_errors"), Some(&"1"), "{controller:?}");
+    let disk = guest_disk(o).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        disk["controller"]["resets"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        disk["controller"]
+    );
+    let guest_requests: u64 = o.get("disk_requests").unwrap().parse().unwrap();
+    let (host_requests, _) = harness::report::requests_and_samples(&disk);
+    assert!(guest_requests > 0 && host_requests >= guest_requests);
 }
