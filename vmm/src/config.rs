@@ -213,6 +213,8 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                                   virtio-blk, a media error on NVMe)
                  fault_error_sectors=START-END  reads and writes there fail
                  fault_stuck_rate=F  fraction of reads and writes that never complete
+                 fault_read_bandwidth=R, fault_write_bandwidth=R
+                                  bytes per second (500K, 20M, 1G) each direction moves
   --nvme path=IMG[,readonly=on][,direct=on][,NVME_KEYS]
   --nvme backend=null,size=SIZE[,latency_us=N][,NVME_KEYS]
                          an NVMe PCI controller; repeatable

@@ -1,6 +1,6 @@
 //! Fault and latency injection for a block backend, settable at start (disk options) and at
-//! run time (the control socket): per-direction latency distributions, an error rate, a
-//! sector range that always fails, and requests that never complete.
+//! run time (the control socket): per-direction latency distributions and bandwidth caps, an
+//! error rate, a sector range that always fails, and requests that never complete.
 //!
 //! A backend asks [`Faults::decide`] once per read or write before doing it. Settings are
 //! read under a short lock only while some fault is set; a disk without faults pays one
@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use super::backend::BlockIoKind;
+use crate::latency::now_ns;
 
 /// Bytes per sector in `error_sectors`.
 const SECTOR_BYTES: u64 = 512;
@@ -91,6 +92,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?}: too long"))
 }
 
+/// `none`, or bytes per second with an optional K, M or G (powers of 1024).
+fn bandwidth(key: &str, value: &str) -> Result<Option<u64>, String> {
+    if value == "none" {
+        return Ok(None);
+    }
+    let (digits, multiplier) = match value.as_bytes().last() {
+        Some(b'K') => (&value[..value.len() - 1], 1 << 10),
+        Some(b'M') => (&value[..value.len() - 1], 1 << 20),
+        Some(b'G') => (&value[..value.len() - 1], 1 << 30),
+        _ => (value, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|&rate| rate > 0)
+        .map(Some)
+        .ok_or_else(|| format!("{key}={value:?}: expected bytes per second like 20M, or none"))
+}
+
 /// What to inject, for one disk (every namespace of an NVMe controller).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FaultSettings {
@@ -102,6 +123,10 @@ pub struct FaultSettings {
     pub error_sectors: Option<Range<u64>>,
     /// Fraction of reads and writes that never complete, 0..=1.
     pub stuck_rate: f64,
+    /// Bytes per second reads (writes) may move: each waits its turn behind the bytes
+    /// before it, as on a disk that has nothing faster.
+    pub read_bandwidth: Option<u64>,
+    pub write_bandwidth: Option<u64>,
 }
 
 impl FaultSettings {
@@ -111,11 +136,14 @@ impl FaultSettings {
             || self.error_rate > 0.0
             || self.error_sectors.is_some()
             || self.stuck_rate > 0.0
+            || self.read_bandwidth.is_some()
+            || self.write_bandwidth.is_some()
     }
 
     /// Applies one `key=value` setting (the disk option and control socket syntax):
     /// `read_latency`, `write_latency` (a distribution or `none`), `error_rate`,
-    /// `stuck_rate` (fractions), `error_sectors` (`START-END`, end excluded, or `none`).
+    /// `stuck_rate` (fractions), `error_sectors` (`START-END`, end excluded, or `none`),
+    /// `read_bandwidth`, `write_bandwidth` (bytes per second: `500K`, `20M`, `1G`, or `none`).
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let fraction = |value: &str| {
             value
@@ -133,6 +161,8 @@ impl FaultSettings {
             "write_latency" => self.write_latency = latency(value)?,
             "error_rate" => self.error_rate = fraction(value)?,
             "stuck_rate" => self.stuck_rate = fraction(value)?,
+            "read_bandwidth" => self.read_bandwidth = bandwidth(key, value)?,
+            "write_bandwidth" => self.write_bandwidth = bandwidth(key, value)?,
             "error_sectors" if value == "none" => self.error_sectors = None,
             "error_sectors" => {
                 let range = value
@@ -180,6 +210,8 @@ pub struct Faults {
     /// xorshift state: decisions need no lock of their own (a lost update only repeats a
     /// random number).
     random: AtomicU64,
+    /// When the capped direction is free again ([`now_ns`]): reads, writes.
+    bandwidth_free_at: [AtomicU64; 2],
     errors: AtomicU64,
     stuck: AtomicU64,
     delayed: AtomicU64,
@@ -235,9 +267,9 @@ impl Faults {
             return Fault::None;
         }
         let settings = lock(&self.settings).clone();
-        let latency = match kind {
-            BlockIoKind::Read => settings.read_latency,
-            BlockIoKind::Write => settings.write_latency,
+        let (latency, bandwidth, direction) = match kind {
+            BlockIoKind::Read => (settings.read_latency, settings.read_bandwidth, 0),
+            BlockIoKind::Write => (settings.write_latency, settings.write_bandwidth, 1),
             _ => return Fault::None,
         };
         let first = offset / SECTOR_BYTES;
@@ -256,16 +288,36 @@ impl Faults {
             self.stuck.fetch_add(1, Ordering::Relaxed);
             return Fault::Stick;
         }
-        match latency {
-            Some(distribution) => {
-                let delay = distribution.sample(self.uniform());
-                self.delayed.fetch_add(1, Ordering::Relaxed);
-                self.delay_ns
-                    .fetch_add(delay.as_nanos() as u64, Ordering::Relaxed);
-                Fault::Delay(delay)
-            }
-            None => Fault::None,
+        let mut delay = latency.map_or(Duration::ZERO, |distribution| {
+            distribution.sample(self.uniform())
+        });
+        if let Some(rate) = bandwidth {
+            delay += self.wait_for_bandwidth(direction, len, rate);
         }
+        if delay.is_zero() {
+            return Fault::None;
+        }
+        self.delayed.fetch_add(1, Ordering::Relaxed);
+        self.delay_ns
+            .fetch_add(delay.as_nanos() as u64, Ordering::Relaxed);
+        Fault::Delay(delay)
+    }
+
+    /// Books `len` bytes at `rate` bytes per second after everything booked before in this
+    /// direction; returns how long the request waits for its turn to be done.
+    fn wait_for_bandwidth(&self, direction: usize, len: u64, rate: u64) -> Duration {
+        let now = now_ns();
+        let cost = (u128::from(len) * 1_000_000_000 / u128::from(rate)) as u64;
+        let mut done_at = 0;
+        let _ = self.bandwidth_free_at[direction].fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |free_at| {
+                done_at = free_at.max(now).saturating_add(cost);
+                Some(done_at)
+            },
+        );
+        Duration::from_nanos(done_at.saturating_sub(now))
     }
 }
 
@@ -302,6 +354,29 @@ mod tests {
         assert_eq!(settings.read_latency, None);
         assert_eq!(parse_duration("1500ns"), Ok(Duration::from_nanos(1500)));
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_bandwidth_cap_queues_requests_behind_each_other() {
+        let mut settings = FaultSettings::default();
+        settings.set("read_bandwidth", "1M").unwrap();
+        assert!(settings.clone().set("write_bandwidth", "fast").is_err());
+        let faults = Faults::new(settings, 3);
+        // Ten 100-KiB reads at once at 1 MiB/s: done after 0.1, 0.2, ... 1.0 s (roughly).
+        let delays: Vec<Duration> = (0..10)
+            .map(|_| match faults.decide(BlockIoKind::Read, 0, 100 << 10) {
+                Fault::Delay(delay) => delay,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        for (index, delay) in delays.iter().enumerate() {
+            let want = Duration::from_secs_f64((index + 1) as f64 * 100.0 / 1024.0);
+            assert!(
+                delay.abs_diff(want) < Duration::from_millis(5),
+                "read {index}: {delay:?}, want {want:?}"
+            );
+        }
+        assert_eq!(faults.decide(BlockIoKind::Write, 0, 100 << 10), Fault::None);
     }
 
     #[test]
