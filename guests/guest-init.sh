@@ -380,8 +380,16 @@ scenario_fio() {
     if [ -n "$FIO_VERIFY" ]; then
         if [ "$rc" = 0 ] && [ "${err:-0}" = 0 ]; then out "fio_verify=ok"; else out "fio_verify=failed"; fi
     fi
-    # Controller resets the kernel logged (NVMe: "... will reset", "resetting controller").
-    out "kernel_resets=$(dmesg | grep -c -i 'will reset\|resetting controller')"
+    # Controller resets the kernel logged (NVMe: "controller is down; will reset", "I/O ...
+    # timeout, reset controller", "resetting controller").
+    out "kernel_resets=$(dmesg | grep -c -i 'will reset\|reset controller\|resetting controller')"
+    out "kernel_timeouts=$(dmesg | grep -c -i 'timeout, ')"
+    # Whatever fio met, the disk must serve I/O now.
+    if dd "if=/dev/$DISK" of=/dev/null bs=4096 count=16 iflag=direct 2>/dev/null; then
+        out "read_after=ok"
+    else
+        out "read_after=failed"
+    fi
     disk_accounting "$DISK"
 }
 

@@ -73,7 +73,9 @@ pub(crate) fn run_one(
                 &paths.guest_kernel().to_string_lossy(),
                 &paths.guest_initramfs().to_string_lossy(),
             );
-            argv.extend(["--report".to_string(), report_dir.display().to_string()]);
+            if spec.uses_vmm() {
+                argv.extend(["--report".to_string(), report_dir.display().to_string()]);
+            }
             argv
         }
         None => spec.argv("", "", ""),
@@ -104,6 +106,15 @@ pub(crate) fn run_one(
     while eofs < readers.len() {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Some(line)) => {
+                // A step that runs blkswarm itself hands its report over as the lab does.
+                let clean = crate::parse::clean_line(&line);
+                if let Some((_, json)) = clean
+                    .split_once(" json=")
+                    .filter(|(head, _)| head.starts_with("@@lab report "))
+                {
+                    out.report = Some(json.to_string());
+                    continue;
+                }
                 if verbose {
                     eprintln!("{tag}{}", crate::parse::clean_line(&line));
                 }
@@ -157,7 +168,7 @@ pub(crate) fn run_one(
     out.results = collected.results;
     out.vmm = collected.vmm;
     out.done = collected.done;
-    if bin.is_some() {
+    if bin.is_some() && spec.uses_vmm() {
         out.report = std::fs::read_to_string(report_dir.join("report.json")).ok();
         let _ = std::fs::remove_dir_all(&report_dir);
     }

@@ -3,7 +3,9 @@
 //! those sectors fail, its kernel logs each one, every other request succeeds, the VMM stays
 //! up, and the host's count of injected errors is what the guest saw. And at run time: an
 //! NVMe controller put in fatal status through the control socket while fio runs is reset
-//! by the guest, and fio finishes without an error.
+//! by the guest, and fio finishes without an error; a controller that completes nothing
+//! for a second sends the guest through its timeout path (abort, reset) and serves I/O
+//! afterwards.
 
 use std::time::Duration;
 
@@ -21,17 +23,18 @@ fn fault_io(name: &str, option: &str, disk: &str) -> GuestSpec {
         .arg(format!("{disk},fault_error_sectors={BAD_SECTORS}"))
 }
 
-/// fio on an NVMe controller; `ctl fatal` once it runs; the guest's 5-second I/O timeout
-/// finds CSTS.CFS and resets the controller.
-fn fatal_during_fio(mode: Mode) -> GuestSpec {
+/// fio on an NVMe controller (the guest times I/O out after 5 s); once it runs, `requests`
+/// go to blkswarm's control socket, a second apart.
+fn nvme_fio_then_ctl(name: &str, mode: Mode, requests: &[&str]) -> GuestSpec {
     let dir = match mode {
-        Mode::Lab => "/tmp/blkswarm-fatal".to_string(),
+        Mode::Lab => format!("/tmp/blkswarm-{name}"),
         Mode::Direct => std::env::temp_dir()
-            .join(format!("blkswarm-fatal-{}", std::process::id()))
+            .join(format!("blkswarm-{name}-{}", std::process::id()))
             .display()
             .to_string(),
     };
     let socket = format!("{dir}/api.sock");
+    let report = format!("{dir}/report");
     let guest = GuestSpec::new("fio", "fio")
         .cpus(2, 2)
         .cmdline(
@@ -41,25 +44,35 @@ fn fatal_during_fio(mode: Mode) -> GuestSpec {
         .arg("--nvme")
         .arg("backend=null,size=64M,max_ioqpairs=2")
         .arg("--api-socket")
-        .arg(&socket);
+        .arg(&socket)
+        .arg("--report")
+        .arg(&report);
     let vmm = vmm_argv(&guest, mode);
-    let mut ctl = vmm[..1].to_vec();
-    ctl.extend(["ctl", "--api-socket", &socket, "fatal", "pci=0000:00:01.0"].map(String::from));
+    let ctl: String = requests
+        .iter()
+        .map(|request| {
+            let mut ctl = vmm[..1].to_vec();
+            ctl.extend(["ctl", "--api-socket", &socket].map(String::from));
+            ctl.extend(request.split_whitespace().map(String::from));
+            format!("answer=$({} 2>&1)", shell::join(&ctl))
+        })
+        .collect::<Vec<_>>()
+        .join("; sleep 1; ");
     let script = format!(
         "mkdir -p {dir}; rm -f {dir}/out\n\
          {vmm} >{dir}/out 2>&1 &\n\
          pid=$!\n\
          i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
          sleep 4\n\
-         answer=$({ctl} 2>&1)\n\
+         {ctl}\n\
          wait $pid; rc=$?\n\
          cat {dir}/out\n\
          echo \"@@guest ctl_answer=$answer\"\n\
+         printf '@@lab report name=%s json=' {name}; cat {report}/report.json; echo\n\
          exit $rc\n",
         vmm = shell::join(&vmm),
-        ctl = shell::join(&ctl),
     );
-    GuestSpec::new("nvme_fatal_during_fio", "boot")
+    GuestSpec::new(name, "boot")
         .timeout(Duration::from_secs(240))
         .custom_command(["sh", "-c", &script])
 }
@@ -72,7 +85,17 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
             "--nvme",
             "backend=null,size=64M,max_ioqpairs=1",
         ),
-        fatal_during_fio(mode),
+        nvme_fio_then_ctl("nvme_fatal_during_fio", mode, &["fatal pci=0000:00:01.0"]),
+        // For a second no command completes: the guest's timeout handling (abort, then a
+        // controller reset) fails them and must leave the disk serving I/O.
+        nvme_fio_then_ctl(
+            "nvme_stuck_during_fio",
+            mode,
+            &[
+                "fault pci=0000:00:01.0 stuck_rate=1",
+                "fault pci=0000:00:01.0 clear",
+            ],
+        ),
     ]
 }
 
@@ -136,4 +159,30 @@ fn an_nvme_controller_failed_at_run_time_is_reset_by_the_guest_and_io_resumes() 
     let guest_requests: u64 = o.get("disk_requests").unwrap().parse().unwrap();
     let (host_requests, _) = harness::report::requests_and_samples(&disk);
     assert!(guest_requests > 0 && host_requests >= guest_requests);
+}
+
+#[test]
+fn nvme_commands_that_never_complete_go_through_the_guest_timeout_path() {
+    let o = RUN.clean("nvme_stuck_during_fio");
+    let answer = o.get("ctl_answer").expect("ctl_answer");
+    assert!(answer.contains("stuck_rate: 0.0"), "cleared: {answer}");
+    // Linux fails a command that timed out and needed a controller reset: fio stops at its
+    // EIO (it would go on with continue_on_error).
+    let fio_rc = o.get("fio_rc").unwrap_or("?");
+    assert!(
+        fio_rc == "0" || o.get("fio_error") == Some("5"),
+        "fio_rc={fio_rc} fio_error={:?}",
+        o.get("fio_error")
+    );
+    let timeouts: u64 = o.get("kernel_timeouts").unwrap().parse().unwrap();
+    let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
+    assert!(
+        timeouts >= 1 && resets >= 1,
+        "timeouts {timeouts}, resets {resets}"
+    );
+    o.expect_result("read_after", "ok");
+    let disk = guest_disk(o).unwrap_or_else(|e| panic!("{e}"));
+    let stuck = disk["faults_injected"]["stuck"].as_u64().unwrap_or(0);
+    assert!(stuck >= 1, "nothing got stuck: {}", disk["faults_injected"]);
+    assert!(disk["controller"]["resets"].as_u64().unwrap_or(0) >= 1);
 }
