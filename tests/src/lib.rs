@@ -359,6 +359,15 @@ impl SharedRun {
 }
 
 impl GuestOutcome {
+    /// The `key=value` words of the first `@@vmm KIND ...` line (e.g. KIND `nvme`).
+    pub fn vmm_line(&self, kind: &str) -> Option<BTreeMap<&str, &str>> {
+        let prefix = format!("@@vmm {kind} ");
+        self.console
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+            .map(words)
+    }
+
     /// The VMM reported a triple fault of the guest (exit code 3).
     pub fn triple_faulted(&self) -> bool {
         self.exit_code == Some(3) && self.console.contains("triple fault")

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use harness::report::guest_disk;
-use harness::{shell, vmm_argv, words, GuestOutcome, GuestSpec, Mode, SharedRun};
+use harness::{shell, vmm_argv, GuestOutcome, GuestSpec, Mode, SharedRun};
 
 /// Sectors 64..72: the guest's 4-KiB block 8.
 const BAD_SECTORS: &str = "64-72";
@@ -143,12 +143,7 @@ fn an_nvme_controller_failed_at_run_time_is_reset_by_the_guest_and_io_resumes() 
     assert!(resets >= 1, "the guest logged no controller reset");
     // The host saw the guest's reset (CC.EN 1 -> 0 after the fatal status; the guest's
     // shutdown at power-off may add one) and the controller served I/O again.
-    let controller = o
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("@@vmm nvme "))
-        .map(words)
-        .expect("an @@vmm nvme line");
+    let controller = o.vmm_line("nvme").expect("an @@vmm nvme line");
     assert_eq!(controller.get("fatal_errors"), Some(&"1"), "{controller:?}");
     let disk = guest_disk(o).unwrap_or_else(|e| panic!("{e}"));
     assert!(

@@ -132,12 +132,7 @@ fn fio_verify_is_clean_on_nvme() {
     expect(o, "fio_errors", "0");
     // Linux saw OACS bit 8 and handed over doorbell buffers: its I/O doorbells went to the
     // shadow buffer, and to MMIO only when the controller's EventIdx asked for it.
-    let controller = o
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("@@vmm nvme "))
-        .map(words)
-        .expect("an @@vmm nvme line");
+    let controller = o.vmm_line("nvme").expect("an @@vmm nvme line");
     assert_eq!(
         controller.get("shadow_doorbells"),
         Some(&"1"),

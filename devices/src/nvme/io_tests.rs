@@ -902,16 +902,7 @@ fn injected_faults_give_media_errors_stuck_commands_and_survive_a_reset() {
     assert_eq!(driver.wait_quietly_for(1, Duration::from_millis(100)), None);
     assert_eq!(faults.counts().stuck, 1);
     faults.set(crate::io::FaultSettings::default());
-    driver.disable();
-    assert!(driver.enable(16, 16));
-    assert_eq!(driver.create_cq(1, 64, 1), Status::SUCCESS);
-    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
-    assert_eq!(
-        driver
-            .io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build())
-            .status,
-        Status::SUCCESS
-    );
+    reset_and_read_again(&mut driver);
     let (_, latency) = driver.controller.io_queue_latency().next().unwrap();
     assert_eq!(
         latency.counts().in_flight,
@@ -938,17 +929,19 @@ fn a_fatal_controller_stops_fetching_until_the_host_resets_it() {
         "a failed controller completes nothing"
     );
     // The host's timeout handling: reset, bring up again, I/O flows.
-    driver.disable();
-    assert!(driver.enable(16, 16));
+    reset_and_read_again(&mut driver);
     assert_eq!(driver.csts() & CSTS_CFS, 0);
-    assert_eq!(driver.create_cq(1, 64, 1), Status::SUCCESS);
-    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
-    assert_eq!(
-        driver
-            .io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build())
-            .status,
-        Status::SUCCESS
-    );
     let counters = driver.controller.counters();
     assert_eq!((counters.fatal_errors, counters.resets), (1, 1));
+}
+
+/// What a host does after a timeout: reset the controller, bring up queue pair 1 again, and
+/// read once (which must succeed).
+fn reset_and_read_again(driver: &mut TestDriver) {
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    assert_eq!(driver.create_cq(1, 64, 1), Status::SUCCESS);
+    assert_eq!(driver.create_sq(1, 64, 1), Status::SUCCESS);
+    let cqe = driver.io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build());
+    assert_eq!(cqe.status, Status::SUCCESS);
 }
