@@ -45,6 +45,38 @@ const PER_GUEST_OVERHEAD: Duration = Duration::from_secs(10);
 /// How long to wait for QEMU to exit after `@@lab done` or `@@lab error`.
 const WIND_DOWN: Duration = Duration::from_secs(30);
 
+/// How much of QEMU's debug log is read back when L1 dies.
+const QEMU_LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The last `max` bytes of a file (lossy UTF-8), empty if it cannot be read.
+fn read_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(max))).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = f.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// One phrase on how L1 ended, from the end of QEMU's `-d cpu_reset` log: TCG logs
+/// "Triple fault" before the reset a triple fault causes (with `-no-reboot`, the exit).
+pub fn how_l1_ended(qemu_log: &str) -> String {
+    match qemu_log
+        .lines()
+        .filter(|l| l.contains("Triple fault"))
+        .count()
+    {
+        0 if qemu_log.trim().is_empty() => "QEMU's log is empty".to_string(),
+        0 => "QEMU logged no triple fault: L1 reset or powered off itself".to_string(),
+        n => format!("QEMU logged {n} triple fault(s) in L1"),
+    }
+}
+
 /// What `lab::run` needs.
 #[derive(Debug, Clone)]
 pub struct LabConfig {
@@ -495,6 +527,7 @@ pub fn run(
     let plan = plan_script(specs);
     let files = payload_files(cfg)?;
     let initrd = work.0.join("l1-initrd.img");
+    let qemu_log = work.0.join("qemu-debug.log");
     write_initrd(&initrd, &cfg.paths.lab_base(), &plan, &files)
         .map_err(io_err("building the lab initrd"))?;
 
@@ -515,6 +548,12 @@ pub fn run(
         initrd.to_string_lossy().into_owned(),
         "-append".into(),
         L1_CMDLINE.into(),
+        // When L1 dies the console says nothing; QEMU's own log tells a triple fault
+        // (TCG logs it under cpu_reset) from L1 rebooting itself.
+        "-d".into(),
+        "cpu_reset,guest_errors".into(),
+        "-D".into(),
+        qemu_log.to_string_lossy().into_owned(),
     ];
     let say = |msg: &str| {
         if cfg.verbose {
@@ -668,11 +707,18 @@ pub fn run(
         eprintln!("[lab] QEMU stderr:\n{}", qemu_stderr.trim_end());
     }
 
+    let l1_died = killed.is_none() && parser.done_ms.is_none();
+    let qemu_log_tail = if l1_died {
+        read_tail(&qemu_log, QEMU_LOG_TAIL_BYTES)
+    } else {
+        String::new()
+    };
     let stop = match (&killed, parser.done_ms) {
         (Some(why), _) => format!("the harness killed QEMU after {total_ms} ms: {why}"),
         (None, Some(_)) => "L1 finished the plan (`@@lab done`) without running it".to_string(),
         (None, None) => format!(
-            "QEMU exited ({status}) after {total_ms} ms without `@@lab done` (L1 crashed or powered off early)"
+            "QEMU exited ({status}) after {total_ms} ms without `@@lab done` (L1 crashed or powered off early; {})",
+            how_l1_ended(&qemu_log_tail)
         ),
     };
     let error = parser.error.clone();
@@ -680,6 +726,15 @@ pub fn run(
     let ready_uptime_ms = parser.ready_uptime_ms;
     let (outcomes, console) = parser.finish(&stop, total_ms);
     let console_tail = tail(&console, TAIL_LINES);
+    if !qemu_log_tail.trim().is_empty() {
+        // L1 died: keep the end of QEMU's log with the report for whoever reads it.
+        let log_tail = tail(&qemu_log_tail, TAIL_LINES);
+        if cfg.verbose {
+            eprintln!("[lab] end of QEMU's -d cpu_reset,guest_errors log:\n{log_tail}");
+        }
+        qemu_stderr.push_str("--- end of QEMU's -d cpu_reset,guest_errors log ---\n");
+        qemu_stderr.push_str(&log_tail);
+    }
     let stderr_note = if qemu_stderr.trim().is_empty() {
         String::new()
     } else {
@@ -943,6 +998,25 @@ mod tests {
         assert!(o.iter().all(|o| o.expect_clean().is_ok()), "{o:?}");
         assert_eq!(o[1].wall_ms, Some(7));
         assert!(report.console.contains("@@lab done"));
+    }
+
+    #[test]
+    fn how_l1_ended_reads_the_qemu_log() {
+        assert_eq!(how_l1_ended(""), "QEMU's log is empty");
+        let boot = "CPU Reset (CPU 0)\nEAX=00000000 EBX=00000000\nCPU Reset (CPU 1)\n";
+        assert!(how_l1_ended(boot).contains("no triple fault"));
+        let died = format!("{boot}Triple fault\nCPU Reset (CPU 1)\nEAX=00000000\n");
+        assert_eq!(how_l1_ended(&died), "QEMU logged 1 triple fault(s) in L1");
+    }
+
+    #[test]
+    fn read_tail_keeps_the_end() {
+        let dir = TempDir::new("blkswarm-tail-test").unwrap();
+        let f = dir.0.join("log");
+        std::fs::write(&f, "abcdef").unwrap();
+        assert_eq!(read_tail(&f, 4), "cdef");
+        assert_eq!(read_tail(&f, 100), "abcdef");
+        assert_eq!(read_tail(&dir.0.join("missing"), 4), "");
     }
 
     fn feed_all(p: &mut LabParser, text: &str) {

@@ -280,6 +280,9 @@ pub struct GuestOutcome {
 pub const TAIL_LINES: usize = 40;
 
 /// The last `n` lines of `text`.
+/// L1 boots one `Runner::run` may use when the lab, not the guest, fails (see there).
+pub const LAB_ATTEMPTS: usize = 3;
+
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -706,42 +709,53 @@ impl Runner {
                     extra_files: self.lab_files.clone(),
                 };
                 let (mut outcomes, report) = lab::run(&cfg, specs)?;
-                // Failures of the lab rather than of the guests, seen rarely under TCG's
-                // emulated SVM: L1 itself died (QEMU exited without `@@lab done`, nothing
-                // on the console), or a guest triple-faulted in L2 (twice in one CI run,
-                // both 4-vCPU boots of one L1, passing at once on the next). The whole plan
-                // runs once more in a fresh L1 (later guests may need files earlier steps
-                // made there) and those guests take their second outcome: a failure that
-                // repeats is reported.
-                let flaky: Vec<usize> = (0..outcomes.len())
-                    .filter(|&i| outcomes[i].lost_with_the_lab() || outcomes[i].triple_faulted())
-                    .collect();
-                if !flaky.is_empty() {
+                // Failures of the lab rather than of the guests, seen under TCG's emulated
+                // SVM: L1 itself died (QEMU exited without `@@lab done`, nothing on the
+                // console; in one CI run twice in a row, during early L2 boots), or a guest
+                // triple-faulted in L2 (twice in one CI run, passing at once on the next).
+                // The whole plan runs again in a fresh L1 (later guests may need files
+                // earlier steps made there), up to LAB_ATTEMPTS boots in all; each such
+                // guest takes the outcome of the first boot where the lab held. A guest
+                // whose failure repeats on every boot is reported with its last outcome.
+                let is_flaky = |o: &GuestOutcome| o.lost_with_the_lab() || o.triple_faulted();
+                let mut history: Vec<Vec<String>> = vec![Vec::new(); outcomes.len()];
+                for attempt in 2..=LAB_ATTEMPTS {
+                    let flaky: Vec<usize> = (0..outcomes.len())
+                        .filter(|&i| is_flaky(&outcomes[i]))
+                        .collect();
+                    if flaky.is_empty() {
+                        break;
+                    }
                     let names: Vec<&str> =
                         flaky.iter().map(|&i| outcomes[i].name.as_str()).collect();
                     eprintln!(
                         "harness: lab failure (L1 died or L2 triple fault) in {names:?}; \
-                         running the plan again in a new L1 boot"
+                         running the plan again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})"
                     );
                     let (mut retried, _) = lab::run(&cfg, specs)?;
                     for i in flaky {
-                        // One line: the first attempt's console tail holds lines of
+                        // One line: the console tail of a lost guest holds lines of
                         // other guests, which must not pass for this one's.
-                        let first = outcomes[i]
-                            .lost
-                            .as_deref()
-                            .and_then(|why| why.lines().next())
-                            .unwrap_or("a triple fault")
-                            .to_string();
-                        let mut outcome = std::mem::replace(
+                        history[i].push(
+                            outcomes[i]
+                                .lost
+                                .as_deref()
+                                .and_then(|why| why.lines().next())
+                                .unwrap_or("a triple fault")
+                                .to_string(),
+                        );
+                        outcomes[i] = std::mem::replace(
                             &mut retried[i],
                             GuestOutcome::new(&specs[i].name, Mode::Lab),
                         );
+                    }
+                }
+                for (outcome, earlier) in outcomes.iter_mut().zip(&history) {
+                    for (n, why) in earlier.iter().enumerate().rev() {
                         outcome.console.insert_str(
                             0,
-                            &format!("harness: second attempt; the first ended with: {first}\n"),
+                            &format!("harness: lab boot {} ended this guest with: {why}\n", n + 1),
                         );
-                        outcomes[i] = outcome;
                     }
                 }
                 Ok((outcomes, Some(report)))
