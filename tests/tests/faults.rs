@@ -5,7 +5,7 @@
 //! NVMe controller put in fatal status through the control socket while fio runs is reset
 //! by the guest, and fio finishes without an error; a controller that completes nothing
 //! for a second sends the guest through its timeout path (abort, reset) and serves I/O
-//! afterwards.
+//! afterwards; a host-forced NVM Subsystem Reset is noticed and recovered from the same way.
 
 use std::time::Duration;
 
@@ -96,6 +96,13 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
                 "fault pci=0000:00:01.0 clear",
             ],
         ),
+        // The host resets the NVM subsystem under fio: the commands in flight are gone, the
+        // guest finds CSTS.NSSRO at its next timeout and brings the controller up again.
+        nvme_fio_then_ctl(
+            "nvme_subsystem_reset_during_fio",
+            mode,
+            &["reset pci=0000:00:01.0"],
+        ),
     ]
 }
 
@@ -156,19 +163,23 @@ fn an_nvme_controller_failed_at_run_time_is_reset_by_the_guest_and_io_resumes() 
     assert!(guest_requests > 0 && host_requests >= guest_requests);
 }
 
-#[test]
-fn nvme_commands_that_never_complete_go_through_the_guest_timeout_path() {
-    let o = RUN.clean("nvme_stuck_during_fio");
-    let answer = o.get("ctl_answer").expect("ctl_answer");
-    assert!(answer.contains("stuck_rate: 0.0"), "cleared: {answer}");
-    // Linux fails a command that timed out and needed a controller reset: fio stops at its
-    // EIO (it would go on with continue_on_error).
+/// Linux fails a command that timed out and needed a controller reset: fio either finished
+/// or stopped at that EIO (it would go on with continue_on_error); nothing else.
+fn fio_ended_or_met_eio(o: &GuestOutcome) {
     let fio_rc = o.get("fio_rc").unwrap_or("?");
     assert!(
         fio_rc == "0" || o.get("fio_error") == Some("5"),
         "fio_rc={fio_rc} fio_error={:?}",
         o.get("fio_error")
     );
+}
+
+#[test]
+fn nvme_commands_that_never_complete_go_through_the_guest_timeout_path() {
+    let o = RUN.clean("nvme_stuck_during_fio");
+    let answer = o.get("ctl_answer").expect("ctl_answer");
+    assert!(answer.contains("stuck_rate: 0.0"), "cleared: {answer}");
+    fio_ended_or_met_eio(o);
     let timeouts: u64 = o.get("kernel_timeouts").unwrap().parse().unwrap();
     let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
     assert!(
@@ -180,4 +191,29 @@ fn nvme_commands_that_never_complete_go_through_the_guest_timeout_path() {
     let stuck = disk["faults_injected"]["stuck"].as_u64().unwrap_or(0);
     assert!(stuck >= 1, "nothing got stuck: {}", disk["faults_injected"]);
     assert!(disk["controller"]["resets"].as_u64().unwrap_or(0) >= 1);
+}
+
+#[test]
+fn a_host_forced_subsystem_reset_is_recovered_by_the_guest() {
+    let o = RUN.clean("nvme_subsystem_reset_during_fio");
+    let answer = o.get("ctl_answer").expect("ctl_answer");
+    assert!(answer.contains("\"subsystem_resets\":1"), "{answer}");
+    // The reads in flight at the reset never complete: Linux times them out, reads CSTS,
+    // sees NSSRO ("will reset") and resets the controller.
+    fio_ended_or_met_eio(o);
+    let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
+    assert!(resets >= 1, "the guest logged no controller reset");
+    o.expect_result("read_after", "ok");
+    let controller = o.vmm_line("nvme").expect("an @@vmm nvme line");
+    assert_eq!(
+        controller.get("subsystem_resets"),
+        Some(&"1"),
+        "{controller:?}"
+    );
+    let disk = guest_disk(o).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        disk["controller"]["subsystem_resets"], 1,
+        "{}",
+        disk["controller"]
+    );
 }

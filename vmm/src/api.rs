@@ -31,37 +31,52 @@ fn answer(state: &ApiState, request: &str) -> String {
         Some("stats") => serde_json::to_string(&stats::collect(&state.disks, state.timing))
             .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
         Some("fault") => set_faults(state, words).unwrap_or_else(|e| error_json(&e)),
-        Some("fatal") => controller_fatal(state, words).unwrap_or_else(|e| error_json(&e)),
+        Some(request @ ("fatal" | "reset")) => {
+            nvme_controller_event(state, request, words).unwrap_or_else(|e| error_json(&e))
+        }
         _ => error_json(&format!(
             "unknown request {:?}; known: stats, fault pci=ADDRESS [KEY=VALUE...], \
-             fatal pci=ADDRESS",
+             fatal pci=ADDRESS, reset pci=ADDRESS",
             request.trim()
         )),
     }
 }
 
-/// `fatal pci=0000:00:01.0`: sets the NVMe controller's fatal status (CSTS.CFS); it fetches
-/// no more commands until the guest resets it.
-fn controller_fatal<'a>(
+/// On an NVMe controller: `fatal pci=0000:00:01.0` sets its fatal status (CSTS.CFS; it
+/// fetches no more commands until the guest resets it); `reset pci=...` forces an NVM
+/// Subsystem Reset (its queues vanish, commands in flight never complete, CSTS.NSSRO tells
+/// the guest why once its command timeout fires).
+fn nvme_controller_event<'a>(
     state: &ApiState,
+    request: &str,
     mut words: impl Iterator<Item = &'a str>,
 ) -> Result<String, String> {
     let pci = words
         .next()
         .and_then(|word| word.strip_prefix("pci="))
-        .ok_or("fatal: give pci=ADDRESS")?;
+        .ok_or_else(|| format!("{request}: give pci=ADDRESS"))?;
     let function = state
         .disks
         .iter()
         .find(|disk| disk.address.to_string() == pci)
-        .ok_or_else(|| format!("fatal: no disk at {pci}"))?
+        .ok_or_else(|| format!("{request}: no disk at {pci}"))?
         .nvme
         .as_ref()
-        .ok_or_else(|| format!("fatal: {pci} is not an NVMe controller"))?;
+        .ok_or_else(|| format!("{request}: {pci} is not an NVMe controller"))?;
     let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
-    function.controller_mut().fatal_error();
+    if request == "fatal" {
+        function.controller_mut().fatal_error();
+    } else {
+        function.controller_mut().subsystem_reset();
+    }
     let counters = function.controller().counters();
-    Ok(serde_json::json!({ "pci": pci, "fatal_errors": counters.fatal_errors }).to_string())
+    Ok(serde_json::json!({
+        "pci": pci,
+        "fatal_errors": counters.fatal_errors,
+        "resets": counters.resets,
+        "subsystem_resets": counters.subsystem_resets,
+    })
+    .to_string())
 }
 
 /// `fault pci=0000:00:01.0 error_rate=0.1 read_latency=fixed:5ms ...`: changes the disk's

@@ -243,6 +243,9 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
        blkswarm ctl --api-socket PATH fatal pci=ADDRESS
                          set an NVMe controller's fatal status (CSTS.CFS): it fetches
                          nothing more until the guest resets it
+       blkswarm ctl --api-socket PATH reset pci=ADDRESS
+                         force an NVM Subsystem Reset of an NVMe controller: its queues
+                         vanish, commands in flight never complete, CSTS.NSSRO is set
        blkswarm plot REPORT.json DIR
                          draw the SVG plots of a report into DIR
 

@@ -638,7 +638,7 @@ pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io
             out,
             "@@vmm nvme pci={} ready={} io_queues_live={} io_queues_ever={} msix_enabled={} \
              injected={} admin_commands={} shadow_doorbells={} invalid_doorbells={} \
-             invalid_shadow_doorbells={} fatal_errors={}",
+             invalid_shadow_doorbells={} fatal_errors={} resets={} subsystem_resets={}",
             function.address,
             u8::from(ready),
             live_queues,
@@ -649,7 +649,9 @@ pub fn write_nvme_report(functions: &[NvmeFunction], out: &mut impl Write) -> io
             u8::from(shadow_doorbells),
             counters.invalid_doorbell_registers + counters.invalid_doorbell_values,
             counters.invalid_shadow_doorbell_values,
-            counters.fatal_errors
+            counters.fatal_errors,
+            counters.resets,
+            counters.subsystem_resets
         )?;
         for queue in history {
             writeln!(

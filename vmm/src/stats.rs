@@ -141,7 +141,8 @@ pub struct DiskReport {
     /// Vectors that carried interrupts or are unmasked; others are left out.
     pub vectors: Vec<VectorReport>,
     pub faults_injected: FaultReport,
-    /// NVMe only: controller fatal errors (CSTS.CFS) and resets by the host.
+    /// NVMe only: controller fatal errors (CSTS.CFS), controller resets and NVM subsystem
+    /// resets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<ControllerReport>,
 }
@@ -150,6 +151,8 @@ pub struct DiskReport {
 pub struct ControllerReport {
     pub fatal_errors: u64,
     pub resets: u64,
+    #[serde(default)]
+    pub subsystem_resets: u64,
 }
 
 /// What fault injection did to a disk's reads and writes.
@@ -282,6 +285,7 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
                     ControllerReport {
                         fatal_errors: counters.fatal_errors,
                         resets: counters.resets,
+                        subsystem_resets: counters.subsystem_resets,
                     }
                 }),
                 faults_injected: {

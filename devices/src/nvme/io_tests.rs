@@ -945,3 +945,54 @@ fn reset_and_read_again(driver: &mut TestDriver) {
     let cqe = driver.io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build());
     assert_eq!(cqe.status, Status::SUCCESS);
 }
+
+#[test]
+fn a_subsystem_reset_drops_the_queues_and_says_so_until_the_host_brings_it_up() {
+    let mut settings = crate::io::FaultSettings::default();
+    settings.set("stuck_rate", "1").unwrap();
+    let faults = Arc::new(crate::io::Faults::new(settings, 1));
+    let backend = Arc::new(BlockBackend::null(1 << 20, None).with_faults(faults.clone()));
+    let mut driver = with_queue_pair(config_with(vec![NamespaceConfig::with_seed(backend, 1)]));
+    assert_ne!(
+        driver.read64(REG_CAP) >> 36 & 1,
+        0,
+        "CAP.NSSRS: Linux only looks at NSSRO when it is set"
+    );
+    // A command in flight when the subsystem resets never completes.
+    driver.queue_command(1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build(), true);
+    assert_eq!(driver.wait_quietly_for(1, Duration::from_millis(50)), None);
+    faults.set(crate::io::FaultSettings::default());
+
+    driver.write32(REG_NSSR, 0x1234);
+    assert_eq!(driver.csts(), CSTS_RDY, "any other NSSR value is ignored");
+    driver.write32(REG_NSSR, NSSR_RESET_VALUE);
+    assert_eq!(driver.csts(), CSTS_NSSRO, "not ready, and why");
+    assert_eq!(driver.read32(REG_CC), 0);
+    assert_eq!(
+        driver.read32(REG_AQA),
+        0,
+        "registers back to power-on values"
+    );
+    // The old queues are gone: a doorbell for them is counted and ignored.
+    let before = driver.controller.counters().invalid_doorbell_registers;
+    driver.ring_sq(1);
+    assert_eq!(
+        driver.controller.counters().invalid_doorbell_registers,
+        before + 1
+    );
+    assert_eq!(driver.wait_quietly_for(1, Duration::from_millis(50)), None);
+
+    // Linux's reset work: clear NSSRO (write 1), then set up the controller from scratch.
+    driver.write32(REG_CSTS, CSTS_NSSRO);
+    assert_eq!(driver.csts(), 0);
+    reset_and_read_again(&mut driver);
+    let counters = driver.controller.counters();
+    assert_eq!((counters.subsystem_resets, counters.resets), (1, 1));
+    assert_eq!(faults.counts().stuck, 1);
+    let (_, latency) = driver.controller.io_queue_latency().next().unwrap();
+    assert_eq!(
+        latency.counts().in_flight,
+        0,
+        "the stuck read left with its queue"
+    );
+}

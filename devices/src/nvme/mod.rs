@@ -351,8 +351,10 @@ pub struct NvmeCounters {
     pub io_queue_registration_failures: u64,
     /// Shadow doorbell values beyond their queue (or a CQ head past the posted entries).
     pub invalid_shadow_doorbell_values: u64,
-    /// Controller resets by the host (CC.EN 1 -> 0).
+    /// Controller Level Resets: by the host (CC.EN 1 -> 0) or by a subsystem reset.
     pub resets: u64,
+    /// NVM Subsystem Resets (NSSR written by the guest, or `blkswarm ctl reset`).
+    pub subsystem_resets: u64,
 }
 
 /// An I/O SQ: the state shared with its handler, its CQ, and its place in the pool.
@@ -525,6 +527,7 @@ impl NvmeController {
                 self.doorbell(doorbell, value);
                 self.signal_admin_completions();
             }
+            Some(RegisterWrite::SubsystemReset) => self.subsystem_reset(),
         }
     }
 
@@ -538,6 +541,21 @@ impl NvmeController {
         self.counters.fatal_errors += 1;
         self.registers.csts |= registers::CSTS_CFS;
         self.io.halted.store(true, Ordering::SeqCst);
+    }
+
+    /// NVM Subsystem Reset, asked for by the guest (NSSR) or forced by the host (`blkswarm ctl
+    /// reset`): the controller goes through a Controller Level Reset and its registers back
+    /// to their power-on values, as if the subsystem had been power-cycled, except that
+    /// CSTS.NSSRO says why. Commands in flight get no completion: the guest notices at its
+    /// next command timeout, sees NSSRO (Linux: `nvme_should_reset`) and brings the
+    /// controller up again from scratch.
+    pub fn subsystem_reset(&mut self) {
+        self.counters.subsystem_resets += 1;
+        self.reset();
+        self.registers = RegisterFile {
+            csts: registers::CSTS_NSSRO,
+            ..RegisterFile::new(self.config.max_queue_entries)
+        };
     }
 
     /// An I/O queue lost its guest memory: report it as a controller fatal status.

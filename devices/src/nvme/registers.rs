@@ -31,6 +31,11 @@ pub const CSTS_RDY: u32 = 1;
 pub const CSTS_CFS: u32 = 1 << 1;
 pub const CSTS_SHST_MASK: u32 = 0b11 << 2;
 pub const CSTS_SHST_COMPLETE: u32 = 0b10 << 2;
+/// NVM Subsystem Reset Occurred; the host clears it by writing 1 (RW1C).
+pub const CSTS_NSSRO: u32 = 1 << 4;
+
+/// "NVMe" in ASCII: the only NSSR value that starts an NVM Subsystem Reset.
+pub const NSSR_RESET_VALUE: u32 = 0x4E56_4D65;
 
 /// CAP.TO in 500 ms units: how long the host waits for RDY to follow CC.EN.
 const CAP_TIMEOUT_500MS: u64 = 30;
@@ -44,13 +49,15 @@ pub fn cc_shutdown_notification(cc: u32) -> u32 {
 }
 
 /// The CAP register: MQES, CQR=1 (queues must be physically contiguous), AMS round robin
-/// only, TO, DSTRD=0, CSS=NVM, MPSMIN=MPSMAX=0 (4 KiB pages only).
+/// only, TO, DSTRD=0, NSSRS=1 (NVM Subsystem Reset through NSSR), CSS=NVM, MPSMIN=MPSMAX=0
+/// (4 KiB pages only).
 pub fn capabilities(max_queue_entries: u32) -> u64 {
     let mqes = u64::from(max_queue_entries - 1) & 0xFFFF;
     let contiguous_queues_required = 1 << 16;
     let timeout = CAP_TIMEOUT_500MS << 24;
+    let subsystem_reset_supported = 1 << 36;
     let nvm_command_set = 1 << 37;
-    mqes | contiguous_queues_required | timeout | nvm_command_set
+    mqes | contiguous_queues_required | timeout | subsystem_reset_supported | nvm_command_set
 }
 
 /// A doorbell register, decoded from its offset.
@@ -104,6 +111,8 @@ pub enum RegisterWrite {
         doorbell: Doorbell,
         value: u32,
     },
+    /// "NVMe" written to NSSR.
+    SubsystemReset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +217,9 @@ impl RegisterFile {
             0x2C => self.asq = (self.asq & 0xFFFF_FFFF) | u64::from(value) << 32,
             REG_ACQ => self.acq = (self.acq & !0xFFFF_FFFF) | u64::from(value),
             0x34 => self.acq = (self.acq & 0xFFFF_FFFF) | u64::from(value) << 32,
-            // CAP, VS, CSTS are read-only; NSSR is unsupported (CAP.NSSRS = 0).
+            REG_CSTS => self.csts &= !(value & CSTS_NSSRO),
+            REG_NSSR if value == NSSR_RESET_VALUE => return Some(RegisterWrite::SubsystemReset),
+            // CAP and VS are read-only; NSSR ignores any other value.
             _ => {}
         }
         Some(RegisterWrite::Stored)
@@ -227,10 +238,32 @@ mod tests {
         assert_eq!((cap >> 17) & 0b11, 0, "AMS");
         assert_eq!((cap >> 24) & 0xFF, CAP_TIMEOUT_500MS);
         assert_eq!((cap >> 32) & 0xF, 0, "DSTRD");
+        assert_eq!((cap >> 36) & 1, 1, "NSSRS");
         assert_eq!((cap >> 37) & 0xFF, 1, "CSS NVM");
         assert_eq!((cap >> 48) & 0xF, 0, "MPSMIN");
         assert_eq!((cap >> 52) & 0xF, 0, "MPSMAX");
         assert_eq!(capabilities(65536) & 0xFFFF, 0xFFFF);
+    }
+
+    #[test]
+    fn subsystem_reset_register_and_its_status_bit() {
+        let mut regs = RegisterFile::new(64);
+        let write =
+            |regs: &mut RegisterFile, offset, value: u32| regs.write(offset, &value.to_le_bytes());
+        assert_eq!(
+            write(&mut regs, REG_NSSR, 0x1234),
+            Some(RegisterWrite::Stored)
+        );
+        assert_eq!(
+            write(&mut regs, REG_NSSR, NSSR_RESET_VALUE),
+            Some(RegisterWrite::SubsystemReset)
+        );
+        assert_eq!(regs.read(REG_NSSR, 4), Some(0), "NSSR reads as zero");
+        regs.csts = CSTS_NSSRO | CSTS_RDY;
+        write(&mut regs, REG_CSTS, CSTS_RDY);
+        assert_eq!(regs.csts, CSTS_NSSRO | CSTS_RDY, "only NSSRO is writable");
+        write(&mut regs, REG_CSTS, CSTS_NSSRO);
+        assert_eq!(regs.csts, CSTS_RDY, "writing 1 clears NSSRO");
     }
 
     #[test]
