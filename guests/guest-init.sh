@@ -16,6 +16,8 @@
 #   pattern-write: blkswarm.seed=N blkswarm.sectors=N
 #   durability: blkswarm.seed=N blkswarm.sectors=N (a multiple of 128)
 #   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
+#   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
+#                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
 #
 # Output: only result lines "@@guest key=value ..." (serial output is expensive in the
 # lab), ending with "@@guest done"; then the guest powers off. Whatever fails, "done"
@@ -49,6 +51,8 @@ FIO_VERIFY=
 SEED=1
 SECTORS=2048
 IRQS=1
+WRITE_MB=256
+HUNG_SECS=10
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -75,6 +79,8 @@ for w in $CMDLINE; do
         blkswarm.seed=*) SEED=${w#*=} ;;
         blkswarm.sectors=*) SECTORS=${w#*=} ;;
         blkswarm.irqs=*) IRQS=${w#*=} ;;
+        blkswarm.write_mb=*) WRITE_MB=${w#*=} ;;
+        blkswarm.hung_secs=*) HUNG_SECS=${w#*=} ;;
     esac
 done
 
@@ -165,7 +171,7 @@ pick_disk() {
 # the host's per-disk request and per-vector interrupt counts must match them.
 disk_accounting() {
     local dev
-    awk '{ print "@@guest disk_requests=" $1 + $5 + $12 + $16 }' "/sys/block/$1/stat"
+    awk '{ print "@@guest disk_requests=" $1 + $5 + $12 + $16; print "@@guest disk_flushes=" $16 }' "/sys/block/$1/stat"
     dev=$(readlink -f "/sys/block/$1/device"); dev=${dev##*/}
     irq_counts | awk -v d="$dev" 'index($1, d "-") == 1 || ($1 ~ "^" d "q[0-9]+$") {
         print "@@guest disk_irq=" $1 " count=" $2 }'
@@ -534,6 +540,70 @@ scenario_durability() {
     out "durability_done=$((chunks * 128))"
 }
 
+# S4 (../shared/SCENARIOS.md): mq-deadline, a direct random-read flood on the first half of
+# the disk, and a buffered writer (dd, then fsync) on the second half whose writeback must
+# get through the reads. Once a second: what the guest's block layer holds (allocated, not
+# yet completed: in the scheduler or on the device) by direction, and dirty and writeback
+# memory. At the end: the flood's results, how long the writer took, and the hung-task
+# warnings (the detector's timeout is lowered to blkswarm.hung_secs). The host's report of
+# the same run has per-request timing and in-flight depth over time beside it.
+scenario_writeback_starvation() {
+    pick_disk || return 0
+    local q="/sys/block/$DISK/queue" size_mb flood_mb start flood rc err r w dirty wb writer n=0
+    echo mq-deadline >"$q/scheduler" 2>/dev/null
+    out "s4_scheduler=$(sed 's/.*\[\(.*\)\].*/\1/' "$q/scheduler")"
+    if [ -d "$q/iosched" ]; then
+        out "s4_iosched_read_expire_ms=$(cat "$q/iosched/read_expire") write_expire_ms=$(cat "$q/iosched/write_expire") writes_starved=$(cat "$q/iosched/writes_starved") fifo_batch=$(cat "$q/iosched/fifo_batch")"
+    fi
+    out "s4_nr_requests=$(cat "$q/nr_requests")"
+    echo "$HUNG_SECS" >/proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+    out "s4_hung_task_timeout_secs=$(cat /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null || echo none)"
+    size_mb=$(($(cat "/sys/block/$DISK/size") / 2048))
+    flood_mb=$((size_mb / 2))
+    if [ "$WRITE_MB" -gt $((size_mb - flood_mb)) ]; then WRITE_MB=$((size_mb - flood_mb)); fi
+    out "s4_flood_mb=$flood_mb write_mb=$WRITE_MB iodepth=$FIO_QD numjobs=$FIO_JOBS runtime_s=${FIO_RUNTIME:-30}"
+    start=$(uptime_ms)
+    fio --name=flood "--filename=/dev/$DISK" --rw=randread --bs=4k "--iodepth=$FIO_QD" \
+        "--numjobs=$FIO_JOBS" --ioengine=libaio --direct=1 "--size=${flood_mb}m" \
+        --time_based "--runtime=${FIO_RUNTIME:-30}" --group_reporting \
+        --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
+    flood=$!
+    sleep 1
+    (
+        t0=$(uptime_ms)
+        dd if=/dev/zero "of=/dev/$DISK" bs=1M "count=$WRITE_MB" "seek=$flood_mb" conv=fsync \
+            2>/tmp/dd.err
+        echo "$? $(($(uptime_ms) - t0)) $(($(uptime_ms) - start))" >/tmp/writer.done
+    ) &
+    writer=$!
+    while kill -0 "$flood" 2>/dev/null || kill -0 "$writer" 2>/dev/null; do
+        read -r r w </sys/block/$DISK/inflight
+        dirty=$(awk '/^Dirty:/ { print $2 }' /proc/meminfo)
+        wb=$(awk '/^Writeback:/ { print $2 }' /proc/meminfo)
+        n=$((n + 1))
+        out "s4_sample=$n t_ms=$(($(uptime_ms) - start)) flood=$(kill -0 "$flood" 2>/dev/null && echo 1 || echo 0) inflight_reads=$r inflight_writes=$w dirty_kib=$dirty writeback_kib=$wb"
+        sleep 1
+    done
+    wait "$flood"
+    rc=$?
+    out "s4_flood_rc=$rc"
+    flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
+    err=$(fio_get jobs.0.error)
+    if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
+        out "s4_flood_error=${err:-none} $(first_line /tmp/fio.err)"
+    fi
+    fio_report_dir read
+    wait "$writer"
+    read -r rc w r </tmp/writer.done
+    out "s4_writer_rc=$rc ms=$w finished_at_ms=$r"
+    [ "$rc" = 0 ] || out "s4_writer_error=$(first_line /tmp/dd.err)"
+    out "s4_hung_task_warnings=$(dmesg | grep -c 'blocked for more than')"
+    dmesg | grep 'blocked for more than' | head -n 5 | while read -r r; do
+        out "s4_hung_task=$(echo "$r" | cut -c1-160)"
+    done
+    disk_accounting "$DISK"
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
@@ -546,6 +616,7 @@ main() {
         ro-check) scenario_ro_check ;;
         fault-io) scenario_fault_io ;;
         durability) scenario_durability ;;
+        writeback-starvation) scenario_writeback_starvation ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;

@@ -105,9 +105,20 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /dev/shm 2>/dev/null
 
+# Module parameters come from L1's command line as MODULE.PARAM=VALUE (kvm_amd.vgif=0), as
+# modprobe would pass them; busybox insmod needs them spelled out.
+module_params() {
+    local w prefix
+    prefix="$(echo "$1" | tr - _)."
+    for w in $(cat /proc/cmdline); do
+        case $w in "$prefix"*=*) echo "${w#"$prefix"}" ;; esac
+    done
+}
+
 while read -r m; do
     [ -n "$m" ] || continue
-    insmod "/lib/modules/$m.ko" >/dev/null 2>&1 || lab "error=insmod-$m"
+    # shellcheck disable=SC2046 # one word per parameter
+    insmod "/lib/modules/$m.ko" $(module_params "$m") >/dev/null 2>&1 || lab "error=insmod-$m"
 done </etc/modules
 
 # /dev/kvm: the misc device must be registered (kvm-amd loaded); devtmpfs normally

@@ -32,8 +32,25 @@ pub const LAB_PLAN: &str = "/lab/plan.sh";
 /// plan sends it back over the console as `@@lab report name=NAME json=...`.
 pub const LAB_REPORTS: &str = "/tmp/blkswarm-reports";
 
-/// The L1 kernel command line.
+/// The L1 kernel command line (BLKSWARM_LAB_CMDLINE adds words, e.g. `kvm_amd.vgif=0`:
+/// L1's init hands MODULE.PARAM=VALUE words to the modules it loads).
 pub const L1_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+/// QEMU's accelerator for L1 (BLKSWARM_LAB_ACCEL replaces it, e.g. `tcg,thread=single`).
+pub const L1_ACCEL: &str = "tcg,thread=multi,tb-size=512";
+
+fn l1_cmdline() -> String {
+    match std::env::var("BLKSWARM_LAB_CMDLINE") {
+        Ok(extra) if !extra.trim().is_empty() => format!("{L1_CMDLINE} {}", extra.trim()),
+        _ => L1_CMDLINE.to_string(),
+    }
+}
+
+fn l1_accel() -> String {
+    std::env::var("BLKSWARM_LAB_ACCEL")
+        .ok()
+        .filter(|accel| !accel.trim().is_empty())
+        .unwrap_or_else(|| L1_ACCEL.to_string())
+}
 
 /// Between the SIGTERM that ends a guest past its timeout and the SIGKILL that follows.
 pub const TERM_GRACE_SECS: u64 = 10;
@@ -533,7 +550,7 @@ pub fn run(
 
     let args: Vec<String> = vec![
         "-accel".into(),
-        "tcg,thread=multi,tb-size=512".into(),
+        l1_accel(),
         "-cpu".into(),
         "max".into(),
         "-smp".into(),
@@ -547,7 +564,7 @@ pub fn run(
         "-initrd".into(),
         initrd.to_string_lossy().into_owned(),
         "-append".into(),
-        L1_CMDLINE.into(),
+        l1_cmdline(),
         // When L1 dies the console says nothing; QEMU's own log tells a triple fault
         // (TCG logs it under cpu_reset) from L1 rebooting itself.
         "-d".into(),
