@@ -43,22 +43,25 @@ fn writer(name: &str, image: &str) -> GuestSpec {
         .arg(format!("path={image}"))
 }
 
-/// Seconds into a trial for the kill: after the guest booted (it boots in a few seconds
-/// directly, in 7-10 s in the lab) and somewhere in its writes.
-fn kill_after(mode: Mode, trial: usize) -> u64 {
-    let (first, span) = match mode {
-        Mode::Lab => (9, 10),
-        Mode::Direct => (3, 6),
+/// Milliseconds between the guest's first acknowledged flush and the kill: somewhere in its
+/// writes (the reference writer takes several seconds for all of them). Counted from the
+/// first acknowledgement, not from the start, so that a slow boot (a busy host) cannot
+/// make every kill land before the first write.
+fn kill_delay_ms(mode: Mode, trial: usize) -> u64 {
+    let span = match mode {
+        Mode::Lab => 4000,
+        Mode::Direct => 1500,
     };
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    first + (u64::from(nanos) / 7 + trial as u64 * 3) % span
+    (u64::from(nanos) / 7 + trial as u64 * 997) % span
 }
 
 /// One trial, as a shell script for where blkswarm runs: start the writer on a fresh image,
-/// SIGKILL it after `seconds`, compare the acknowledged sectors with the pattern.
-fn trial_script(mode: Mode, trial: usize, seconds: u64) -> String {
+/// SIGKILL it `delay_ms` after its first acknowledged flush, compare the acknowledged
+/// sectors with the pattern.
+fn trial_script(mode: Mode, trial: usize, delay_ms: u64) -> String {
     let dir = image_dir(mode);
     let image = format!("{dir}/trial{trial}.img");
     let argv = vmm_argv(&writer("trial", &image), mode);
@@ -67,10 +70,11 @@ fn trial_script(mode: Mode, trial: usize, seconds: u64) -> String {
         "mkdir -p {dir}; rm -f {image}; truncate -s 64M {image}\n\
          {cmd} >{out} 2>&1 &\n\
          pid=$!\n\
-         sleep {seconds}\n\
+         i=0; while ! grep -q flushed_sectors= {out} && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done\n\
+         sleep {delay}\n\
          kill -9 $pid\n\
          wait $pid\n\
-         echo \"@@guest killed_after_s={seconds}\"\n\
+         echo \"@@guest killed_after_first_flush_ms={delay_ms}\"\n\
          n=$(grep -o 'flushed_sectors=[0-9]*' {out} | tail -n 1 | cut -d= -f2)\n\
          n=${{n:-0}}\n\
          echo \"@@guest acknowledged_sectors=$n\"\n\
@@ -84,6 +88,7 @@ fn trial_script(mode: Mode, trial: usize, seconds: u64) -> String {
          rm -f {image} {out} {dir}/expect$$ {dir}/got$$\n\
          echo '@@guest done'\n",
         cmd = shell::join(&argv),
+        delay = format_args!("{}.{:03}", delay_ms / 1000, delay_ms % 1000),
     )
 }
 
@@ -105,11 +110,11 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         ]),
     ];
     for trial in 0..trials() {
-        let seconds = kill_after(mode, trial);
+        let delay_ms = kill_delay_ms(mode, trial);
         specs.push(
             GuestSpec::new(format!("kill_trial_{trial}"), "boot")
-                .timeout(Duration::from_secs(seconds + 60))
-                .custom_command(["sh", "-c", &trial_script(mode, trial, seconds)]),
+                .timeout(Duration::from_secs(180))
+                .custom_command(["sh", "-c", &trial_script(mode, trial, delay_ms)]),
         );
     }
     specs
@@ -135,10 +140,15 @@ fn every_flushed_write_survives_sigkill_of_the_vmm() {
             .get("acknowledged_sectors")
             .and_then(|v| v.parse().ok())
             .expect("acknowledged_sectors");
-        acknowledged.push((o.get("killed_after_s").unwrap_or("?").to_string(), sectors));
+        acknowledged.push((
+            o.get("killed_after_first_flush_ms")
+                .unwrap_or("?")
+                .to_string(),
+            sectors,
+        ));
     }
     eprintln!(
-        "durability: {} trials, (seconds to the kill, sectors acknowledged): {acknowledged:?}",
+        "durability: {} trials, (ms from the first flush to the kill, sectors acknowledged): {acknowledged:?}",
         acknowledged.len()
     );
     // At least one kill landed while chunks were being written and flushed.
