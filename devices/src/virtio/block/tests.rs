@@ -585,6 +585,9 @@ fn a_full_ring_is_served_in_budgeted_passes() {
     let area = harness.area(0);
     let (header, status) = harness.header(area, VIRTIO_BLK_T_FLUSH, 0);
     let table = area.unchecked_add(64);
+    // The activation pass first (a worker that starts late would otherwise find the chains
+    // there and take the kick with them).
+    assert!(eventually(|| harness.counters().queue_notifications == 1));
     let q = &mut harness.queues[0];
     // Sixteen one-descriptor (indirect) chains fill the ring; they share one table. The pass
     // that pops the 16th has spent its budget, so the worker comes back without a kick.
@@ -594,6 +597,9 @@ fn a_full_ring_is_served_in_budgeted_passes() {
     }
     q.kick();
     q.wait_used(16, WAIT);
+    // The continuation may follow the last used entry, and the interrupt its count.
+    eventually(|| harness.counters().queue_notifications >= 3);
+    eventually(|| harness.interrupt.count(0) == harness.counters().interrupts);
     let counters = harness.counters();
     assert_eq!(counters.requests_flush, 16);
     assert_eq!(counters.errors(), 0);
@@ -601,6 +607,18 @@ fn a_full_ring_is_served_in_budgeted_passes() {
     assert!(counters.interrupts >= 1);
     // Activation, the kick, and the continuation.
     assert_eq!(counters.queue_notifications, 3, "{counters:?}");
+}
+
+/// Polls `condition` until it holds or [`WAIT`] passes; whether it held.
+fn eventually(condition: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }
 
 #[test]
