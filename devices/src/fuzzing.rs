@@ -124,6 +124,13 @@ pub fn nvme_io_command(data: &[u8]) {
         fatal: false.into(),
         invalid_shadow_doorbell_values: 0.into(),
         halted: false.into(),
+        // The first namespace's group inaccessible, the others optimized: both outcomes of
+        // the path check are reached.
+        ana: Some(Arc::new({
+            let groups = crate::nvme::ana::AnaGroups::new(namespaces().len() as u32);
+            let _ = groups.set(1, crate::nvme::ana::AnaState::Inaccessible);
+            groups
+        })),
     };
     let mut operation = Operation::default();
     let mut segments = Vec::new();

@@ -9,6 +9,10 @@ use std::sync::Arc;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::ana::{
+    AEC_ANA_CHANGE, ANA_CAPABILITIES, ANA_TRANSITION_TIME_SECS, LOG_ANA, LSP_RETURN_GROUPS_ONLY,
+    NOTICE_ANA_CHANGE,
+};
 use super::io_queue::{IoCompletionQueue, IoSubmissionQueueHandler, IoSubmissionQueueShared};
 use super::prp;
 use super::queue::{CompletionQueue, SubmissionEntry};
@@ -165,6 +169,16 @@ impl AsyncEvents {
                 event_type: EVENT_TYPE_NOTICE,
                 info: NOTICE_NAMESPACE_ATTRIBUTE_CHANGED,
                 log_page: LOG_CHANGED_NAMESPACES,
+            });
+        }
+    }
+
+    pub fn ana_changed(&mut self, features: &Features) {
+        if features.async_event_config & AEC_ANA_CHANGE != 0 {
+            self.push(AsyncEvent {
+                event_type: EVENT_TYPE_NOTICE,
+                info: NOTICE_ANA_CHANGE,
+                log_page: LOG_ANA,
             });
         }
     }
@@ -336,8 +350,18 @@ impl NvmeController {
         data.u8(77, config.effective_mdts());
         data.u16(78, config.controller_id);
         data.u32(80, VERSION_1_4);
-        // OAES: Namespace Attribute Notices.
-        data.u32(92, AEC_NAMESPACE_ATTRIBUTE);
+        // CMIC: several controllers (bit 1), ANA reporting (bit 3).
+        data.u8(
+            76,
+            u8::from(config.multi_controller) << 1 | u8::from(config.ana_reporting) << 3,
+        );
+        // OAES: Namespace Attribute Notices, ANA Change Notices when reporting ANA.
+        let ana_notices = if config.ana_reporting {
+            AEC_ANA_CHANGE
+        } else {
+            0
+        };
+        data.u32(92, AEC_NAMESPACE_ATTRIBUTE | ana_notices);
         // CNTRLTYPE: I/O controller.
         data.u8(111, 1);
         data.u16(256, OACS_DOORBELL_BUFFER_CONFIG);
@@ -367,7 +391,15 @@ impl NvmeController {
         if config.volatile_write_cache {
             data.u8(525, 0b101);
         }
-        let nqn = format!("nqn.2024-01.dev.blkswarm:nvme:{}", config.serial);
+        if config.ana_reporting {
+            let groups = self.namespace_count();
+            data.u8(342, ANA_TRANSITION_TIME_SECS);
+            data.u8(343, ANA_CAPABILITIES);
+            data.u32(344, groups); // ANAGRPMAX
+            data.u32(348, groups); // NANAGRPID
+            data.u32(540, groups); // MNAN: Linux sizes its ANA log buffer by it.
+        }
+        let nqn = config.subsystem_nqn();
         data.ascii(768, 256, &nqn);
         data.0[768 + nqn.len().min(255)..1024].fill(0); // SUBNQN is NUL terminated, not padded.
         data.u16(2048, POWER_STATE_0_CENTIWATTS);
@@ -386,6 +418,11 @@ impl NvmeController {
         // NSATTR: write protected when the backend is read-only (Linux then sets the disk
         // read-only).
         data.u8(99, u8::from(namespace.backend.read_only()));
+        // NMIC: shared by the subsystem's controllers; ANAGRPID: each namespace is its group.
+        data.u8(30, u8::from(self.config.multi_controller));
+        if self.config.ana_reporting {
+            data.u32(92, nsid);
+        }
         data.bytes(104, &namespace.nguid);
         // LBA format 0: LBADS in bits 23:16, no metadata, best relative performance.
         data.u32(128, u32::from(namespace.block_size_shift) << 16);
@@ -697,6 +734,13 @@ impl NvmeController {
                 data.0
             }
             LOG_CHANGED_NAMESPACES => self.changed_namespace_log(),
+            LOG_ANA => {
+                let lsp = (cdw10 >> 8) as u8 & 0xF;
+                match self.io.ana.as_ref() {
+                    Some(ana) => ana.log_page(lsp & LSP_RETURN_GROUPS_ONLY != 0),
+                    None => return Err(Status::INVALID_LOG_PAGE),
+                }
+            }
             _ => return Err(Status::INVALID_LOG_PAGE),
         };
         let offset = usize::try_from(offset).map_err(|_| Status::INVALID_FIELD)?;

@@ -1,10 +1,6 @@
 //! I/O command set tests: the controller with its I/O queues served by a real I/O pool.
 //! Completions arrive asynchronously; the driver polls CQ phase tags with a timeout.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,52 +25,6 @@ const RANGES_BASE: u64 = 0x81_0000;
 /// Scattered data pages for PRP lists.
 const SCATTER_BASE: u64 = 0x90_0000;
 const BACKEND_BYTES: u64 = 8 << 20;
-
-/// A raw image file in the temporary directory, deleted when dropped.
-struct TempImage {
-    path: PathBuf,
-}
-
-impl TempImage {
-    fn new(bytes: u64) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "blkswarm-nvme-test-{}-{}.img",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(bytes).unwrap();
-        TempImage { path }
-    }
-
-    fn backend(&self, read_only: bool) -> Arc<BlockBackend> {
-        Arc::new(BlockBackend::open_raw_file(&self.path, false, read_only).unwrap())
-    }
-
-    fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
-        let file = OpenOptions::new().read(true).open(&self.path).unwrap();
-        let mut data = vec![0; len];
-        file.read_exact_at(&mut data, offset).unwrap();
-        data
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) {
-        let file = OpenOptions::new().write(true).open(&self.path).unwrap();
-        file.write_all_at(data, offset).unwrap();
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
 
 fn config_with(namespaces: Vec<NamespaceConfig>) -> ControllerConfig {
     ControllerConfig {

@@ -12,6 +12,9 @@
 //! namespaces can have a backend each or be carved out of one ([`NamespaceConfig::carve`]).
 
 pub mod admin;
+pub mod ana;
+#[cfg(test)]
+mod ana_tests;
 pub mod io_queue;
 #[cfg(test)]
 mod io_tests;
@@ -38,6 +41,7 @@ use crate::io::backend::MAX_IO_BUFFERS;
 use crate::io::{BlockBackend, IoPool, QueueRegistration};
 use crate::latency::QueueLatency;
 use admin::{AsyncEvents, Features};
+use ana::{AnaGroups, AnaState};
 use io_queue::{IoCompletionQueue, IoQueueStats, IoSubmissionQueueShared};
 use nvm::{IoContext, Namespace};
 use queue::{Completion, CompletionQueue, SubmissionQueue};
@@ -111,6 +115,11 @@ impl Status {
     // Retrying may help (the host file system may recover), so Do Not Retry stays clear.
     pub const WRITE_FAULT: Status = Status::media(0x80);
     pub const UNRECOVERED_READ_ERROR: Status = Status::media(0x81);
+    // Path related status (SCT 3), NVMe 1.4 figure 134: the command may succeed on another
+    // controller of the subsystem.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::path(0x01);
+    pub const ANA_INACCESSIBLE: Status = Status::path(0x02);
+    pub const ANA_TRANSITION: Status = Status::path(0x03);
 
     /// Errors caused by the command itself: retrying the same command cannot succeed.
     const fn generic(code: u8) -> Status {
@@ -126,6 +135,14 @@ impl Status {
             code_type: 1,
             code,
             do_not_retry: true,
+        }
+    }
+
+    const fn path(code: u8) -> Status {
+        Status {
+            code_type: 3,
+            code,
+            do_not_retry: false,
         }
     }
 
@@ -252,6 +269,15 @@ pub struct ControllerConfig {
     pub model: String,
     pub firmware_revision: String,
     pub controller_id: u16,
+    /// The subsystem's NQN (Identify SUBNQN), shared by its controllers; None: one derived
+    /// from the serial number.
+    pub subsystem_nqn: Option<String>,
+    /// One of several controllers of the subsystem (CMIC bit 1), sharing its namespaces
+    /// (Identify Namespace NMIC bit 0): Linux builds one multipath disk over them.
+    pub multi_controller: bool,
+    /// Asymmetric Namespace Access reporting (CMIC bit 3): one ANA group per namespace, each
+    /// with this controller's state, the ANA log and ANA change events (see [`ana`]).
+    pub ana_reporting: bool,
     /// Report a volatile write cache (Identify VWC): writes complete once in the backend
     /// (the host page cache for raw files) and Flush makes them durable. Without it, or when
     /// the host turns the cache off, every write is flushed before it completes.
@@ -272,6 +298,9 @@ impl Default for ControllerConfig {
             model: "blkswarm NVMe controller".to_string(),
             firmware_revision: "0.1".to_string(),
             controller_id: 0,
+            subsystem_nqn: None,
+            multi_controller: false,
+            ana_reporting: false,
             volatile_write_cache: true,
             namespaces: vec![NamespaceConfig::with_seed(
                 Arc::new(BlockBackend::null(1 << 30, None)),
@@ -294,6 +323,13 @@ impl ControllerConfig {
     /// Bytes the largest allowed transfer covers.
     pub fn max_transfer_bytes(&self) -> Option<u64> {
         Some(PAGE_SIZE << self.effective_mdts())
+    }
+
+    /// The subsystem NQN in Identify Controller.
+    pub fn subsystem_nqn(&self) -> String {
+        self.subsystem_nqn
+            .clone()
+            .unwrap_or_else(|| format!("nqn.2024-01.dev.blkswarm:nvme:{}", self.serial))
     }
 
     /// Highest queue id any doorbell may name.
@@ -355,6 +391,8 @@ pub struct NvmeCounters {
     pub resets: u64,
     /// NVM Subsystem Resets (NSSR written by the guest, or `blkswarm ctl reset`).
     pub subsystem_resets: u64,
+    /// ANA state changes of this controller's groups.
+    pub ana_changes: u64,
 }
 
 /// An I/O SQ: the state shared with its handler, its CQ, and its place in the pool.
@@ -387,6 +425,8 @@ pub struct NvmeController {
     doorbell_buffers: Option<DoorbellBuffers>,
     /// Timing and counts per I/O SQ id (index 0 unused), kept across queue deletions.
     io_queue_latency: Vec<Arc<QueueLatency>>,
+    /// Failed by the host ([`Self::fail`]): enabling does not make it ready.
+    held_down: bool,
 }
 
 impl NvmeController {
@@ -414,6 +454,9 @@ impl NvmeController {
             fatal: AtomicBool::new(false),
             invalid_shadow_doorbell_values: AtomicU64::new(0),
             halted: AtomicBool::new(false),
+            ana: config
+                .ana_reporting
+                .then(|| Arc::new(AnaGroups::new(config.namespaces.len() as u32))),
         });
         NvmeController {
             registers: RegisterFile::new(config.max_queue_entries),
@@ -428,6 +471,7 @@ impl NvmeController {
             admin_completions_to_signal: false,
             doorbell_buffers: None,
             io_queue_latency: (0..slots).map(|_| Arc::new(QueueLatency::new())).collect(),
+            held_down: false,
             config,
             memory,
             pool,
@@ -535,12 +579,61 @@ impl NvmeController {
         self.registers.csts & registers::CSTS_RDY != 0
     }
 
+    /// A failed path: sets CSTS.CFS as [`Self::fatal_error`] does, and the controller does
+    /// not become ready again (CSTS.RDY after CC.EN) until [`Self::restore`]. A host that
+    /// resets it meanwhile waits for RDY (Linux: up to CAP.TO, 15 s, then it gives the
+    /// controller up).
+    pub fn fail(&mut self) {
+        self.held_down = true;
+        self.fatal_error();
+    }
+
+    /// Ends [`Self::fail`]: if the host already enabled the controller again, it becomes
+    /// ready now. Returns whether it was held down.
+    pub fn restore(&mut self) -> bool {
+        let was_held = std::mem::take(&mut self.held_down);
+        let enabled = self.registers.cc & registers::CC_EN != 0;
+        if was_held && enabled && !self.is_ready() && self.registers.csts & registers::CSTS_CFS == 0
+        {
+            self.enable();
+        }
+        was_held
+    }
+
+    pub fn is_held_down(&self) -> bool {
+        self.held_down
+    }
+
     /// Sets CSTS.CFS: the host must reset the controller (CC.EN 1 -> 0) to use it again.
     /// Until then the I/O queues fetch nothing (the admin queue already stops on CFS).
     pub fn fatal_error(&mut self) {
         self.counters.fatal_errors += 1;
         self.registers.csts |= registers::CSTS_CFS;
         self.io.halted.store(true, Ordering::SeqCst);
+    }
+
+    /// This controller's ANA states, when it reports ANA.
+    pub fn ana_groups(&self) -> Option<&Arc<AnaGroups>> {
+        self.io.ana.as_ref()
+    }
+
+    /// Sets this controller's ANA state of `group` (a namespace id): I/O to the namespace
+    /// through this controller follows the new state at once, and an ANA Change Notice goes
+    /// out if the host enabled it. Ok(false) when the group already was in that state.
+    pub fn set_ana_state(&mut self, group: u32, state: AnaState) -> Result<bool, String> {
+        let ana = self
+            .io
+            .ana
+            .as_ref()
+            .ok_or("the controller does not report ANA (one controller per subsystem)")?;
+        let changed = ana.set(group, state)?;
+        if changed {
+            self.counters.ana_changes += 1;
+            self.events.ana_changed(&self.features);
+            self.deliver_async_events();
+            self.signal_admin_completions();
+        }
+        Ok(changed)
     }
 
     /// NVM Subsystem Reset, asked for by the guest (NSSR) or forced by the host (`blkswarm ctl
@@ -596,6 +689,9 @@ impl NvmeController {
     /// CC.EN 0 -> 1. An invalid admin queue setup sets CSTS.CFS instead of RDY, as QEMU does:
     /// the guest sees the failure at once rather than timing out waiting for RDY.
     fn enable(&mut self) {
+        if self.held_down {
+            return;
+        }
         match self.validate_enable() {
             Ok((asq, acq)) => {
                 self.admin_submission_queue = Some(asq);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::ana::AnaGroups;
 use super::prp::{self, Segment};
 use super::queue::SubmissionEntry;
 use super::{NamespaceConfig, NvmeInterrupt, Status};
@@ -90,6 +91,8 @@ pub struct IoContext {
     /// CSTS.CFS is set: the I/O queues fetch no more commands until the host resets the
     /// controller, as a failed controller would (commands already at the backend finish).
     pub halted: AtomicBool,
+    /// This controller's ANA state of each namespace's group, when it reports ANA.
+    pub ana: Option<Arc<AnaGroups>>,
 }
 
 /// One command's backend work: a first operation, then possibly more Deallocate ranges and a
@@ -156,6 +159,15 @@ pub fn prepare(
         .map(|index| index as usize)
         .filter(|index| *index < context.namespaces.len())
         .ok_or(Status::INVALID_NAMESPACE)?;
+    // A path that cannot reach the namespace's group says so; the host retries elsewhere.
+    if let Some(status) = context
+        .ana
+        .as_ref()
+        .and_then(|ana| ana.state(nsid))
+        .and_then(|state| state.io_status())
+    {
+        return Err(status);
+    }
     let namespace = &context.namespaces[index];
     operation.namespace = index;
     operation.discards.clear();

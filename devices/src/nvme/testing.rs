@@ -3,6 +3,10 @@
 //! completions by phase tag. Plus an [`NvmeInterrupt`] that records every notification.
 
 use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -580,4 +584,50 @@ pub fn le32(data: &[u8], offset: usize) -> u32 {
 
 pub fn le64(data: &[u8], offset: usize) -> u64 {
     u64::from_le_bytes(data[offset..offset + 8].try_into().unwrap())
+}
+
+/// A raw image file in the temporary directory, deleted when dropped.
+pub struct TempImage {
+    pub path: PathBuf,
+}
+
+impl TempImage {
+    pub fn new(bytes: u64) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "blkswarm-nvme-test-{}-{}.img",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(bytes).unwrap();
+        TempImage { path }
+    }
+
+    pub fn backend(&self, read_only: bool) -> Arc<BlockBackend> {
+        Arc::new(BlockBackend::open_raw_file(&self.path, false, read_only).unwrap())
+    }
+
+    pub fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        let file = OpenOptions::new().read(true).open(&self.path).unwrap();
+        let mut data = vec![0; len];
+        file.read_exact_at(&mut data, offset).unwrap();
+        data
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) {
+        let file = OpenOptions::new().write(true).open(&self.path).unwrap();
+        file.write_all_at(data, offset).unwrap();
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
