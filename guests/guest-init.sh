@@ -16,6 +16,8 @@
 #   pattern-write: blkswarm.seed=N blkswarm.sectors=N
 #   durability: blkswarm.seed=N blkswarm.sectors=N (a multiple of 128)
 #   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
+#   multipath (S3): fio verify over the first NVMe multipath disk for blkswarm.runtime= s
+#                   (iodepth=), the paths' ANA and controller states once a second
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
 #                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
 #
@@ -84,11 +86,23 @@ for w in $CMDLINE; do
     esac
 done
 
+# MODULE.PARAM=VALUE words of the kernel command line for module $1 (nvme_core.io_timeout=5),
+# as PARAM=VALUE: modprobe would pass them, busybox insmod needs them spelled out (without
+# this, nvme_core.io_timeout on the command line silently stayed 30 s).
+module_params() {
+    local w prefix
+    prefix="$(echo "$1" | tr - _)."
+    for w in $CMDLINE; do
+        case $w in "$prefix"*=*) echo "${w#"$prefix"}" ;; esac
+    done
+}
+
 load_modules() {
     local m
     while read -r m; do
         [ -n "$m" ] || continue
-        insmod "/lib/modules/$m.ko" >/dev/null 2>&1 || out "error=insmod-$m"
+        # shellcheck disable=SC2046 # one word per parameter
+        insmod "/lib/modules/$m.ko" $(module_params "$m") >/dev/null 2>&1 || out "error=insmod-$m"
     done </etc/modules
 }
 
@@ -335,6 +349,22 @@ flatten_json() {
 # Value of flattened key $1 in /tmp/fio.flat (empty if absent).
 fio_get() { awk -v k="$1" 'index($0, k "=") == 1 { print substr($0, length(k) + 2); exit }' /tmp/fio.flat; }
 
+# fio's exit status $1 and /tmp/fio.json (and .err) as fio_rc, fio_errors and, when it
+# failed, fio_error (the errno) and fio_stderr; leaves /tmp/fio.flat for fio_get.
+fio_outcome() {
+    local rc=$1 err total
+    out "fio_rc=$rc"
+    flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
+    err=$(fio_get jobs.0.error)
+    total=$(fio_get jobs.0.total_err)
+    [ -n "$total" ] || { [ "${err:-0}" = 0 ] && total=0 || total=1; }
+    out "fio_errors=$total"
+    if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
+        out "fio_error=${err:-none}"
+        out "fio_stderr=$(first_line /tmp/fio.err)"
+    fi
+}
+
 # Prints the results of one direction (read|write) if it did any I/O.
 fio_report_dir() {
     local d=$1 ios p
@@ -349,7 +379,7 @@ fio_report_dir() {
 
 scenario_fio() {
     pick_disk || return 0
-    local rw=$FIO_RW rc err total
+    local rw=$FIO_RW rc err
     set -- --name=blkswarm "--filename=/dev/$DISK" "--bs=$FIO_BS" "--iodepth=$FIO_QD" \
         "--numjobs=$FIO_JOBS" "--ioengine=$FIO_ENGINE" "--direct=$FIO_DIRECT" \
         --group_reporting --output-format=json --output=/tmp/fio.json
@@ -371,16 +401,8 @@ scenario_fio() {
     set -- "$@" "--rw=$rw"
     fio "$@" >/dev/null 2>/tmp/fio.err
     rc=$?
-    out "fio_rc=$rc"
-    flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
+    fio_outcome "$rc"
     err=$(fio_get jobs.0.error)
-    total=$(fio_get jobs.0.total_err)
-    [ -n "$total" ] || { [ "${err:-0}" = 0 ] && total=0 || total=1; }
-    out "fio_errors=$total"
-    if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
-        out "fio_error=${err:-none}"
-        out "fio_stderr=$(first_line /tmp/fio.err)"
-    fi
     fio_report_dir read
     fio_report_dir write
     if [ -n "$FIO_VERIFY" ]; then
@@ -604,6 +626,88 @@ scenario_writeback_starvation() {
     disk_accounting "$DISK"
 }
 
+# Every NVMe path disk (nvme<S>c<C>n<N>): its ANA state and its controller's state.
+mp_paths() {
+    local p c line=
+    for p in /sys/block/nvme*c*n*; do
+        [ -e "$p" ] || continue
+        c=${p##*/}; c=nvme${c#*c}; c=${c%n*}
+        line="$line ${p##*/}=$(cat "$p/ana_state" 2>/dev/null || echo none)/$(cat "/sys/class/nvme/$c/state" 2>/dev/null)"
+    done
+    echo "${line# }"
+}
+
+# What nvme-cli says of the subsystems and each controller's ANA log, as one line each.
+mp_nvme_cli() {
+    local when=$1 c
+    if nvme list-subsys -o json >/tmp/lss.json 2>/tmp/lss.err; then
+        out "mp_list_subsys_$when=$(grep -o '"\(NQN\|Name\|Address\|State\|ANAState\)" *: *"[^"]*"' /tmp/lss.json | tr -d ' "' | tr '\n' ' ')"
+    else
+        out "nvme_error=list-subsys msg=$(first_line /tmp/lss.err)"
+    fi
+    for c in /sys/class/nvme/nvme*; do
+        [ -e "$c" ] || continue
+        c=${c##*/}
+        if nvme ana-log "/dev/$c" -o json >/tmp/ana.json 2>/tmp/ana.err; then
+            out "mp_ana_log_$when=$c $(grep -o '"\(grpid\|state\)" *: *"*[^",}]*' /tmp/ana.json | tr -d ' "' | tr '\n' ' ')"
+        else
+            out "nvme_error=ana-log-$c msg=$(first_line /tmp/ana.err)"
+        fi
+    done
+}
+
+# S3 (../shared/SCENARIOS.md): fio writes and verifies (crc32c, checked every 128 writes)
+# on the first NVMe multipath disk while the host flips ANA states and fails controllers
+# through its control socket; the guest prints the topology before and after, its paths'
+# states once a second, and what its kernel logged about paths, ANA and resets.
+scenario_multipath() {
+    wait_disks
+    local s disk start fiopid n=0
+    for s in /sys/class/nvme-subsystem/nvme-subsys*; do
+        [ -e "$s" ] || continue
+        # Spread I/O over every optimized path, so that a failing one has requests on it.
+        echo round-robin >"$s/iopolicy" 2>/dev/null
+        # Controllers are nvme<N>; the namespace heads beside them are nvme<S>n<N>.
+        n=$(ls "$s" | grep -c '^nvme[0-9]*$')
+        out "mp_subsys=${s##*/} nqn=$(cat "$s/subsysnqn") iopolicy=$(cat "$s/iopolicy" 2>/dev/null) controllers=$n"
+    done
+    n=0
+    out "nvme_io_timeout=$(cat /sys/module/nvme_core/parameters/io_timeout 2>/dev/null)"
+    out "mp_paths_before=$(mp_paths)"
+    mp_nvme_cli before
+    disk=$(list_disks | grep '^nvme' | head -n 1)
+    if [ -z "$disk" ]; then
+        out "error=no-nvme-disk"
+        return 0
+    fi
+    out "disk=$disk"
+    start=$(uptime_ms)
+    fio --name=multipath "--filename=/dev/$disk" --rw=randwrite --bs=4k "--iodepth=$FIO_QD" \
+        --ioengine=libaio --direct=1 --size=16m --time_based "--runtime=${FIO_RUNTIME:-20}" \
+        --verify=crc32c --verify_backlog=128 --verify_fatal=1 --verify_state_save=0 \
+        --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
+    fiopid=$!
+    while kill -0 "$fiopid" 2>/dev/null; do
+        n=$((n + 1))
+        out "mp_sample=$n t_ms=$(($(uptime_ms) - start)) $(mp_paths)"
+        sleep 1
+    done
+    wait "$fiopid"
+    fio_outcome "$?"
+    fio_report_dir write
+    fio_report_dir read
+    out "mp_paths_after=$(mp_paths)"
+    mp_nvme_cli after
+    dmesg | grep 'nvme' | grep -i 'ana\|reset\|path\|fail\|timeout\|ready\|down' | head -n 30 |
+        while read -r s; do out "mp_kernel=$(echo "$s" | cut -c1-200)"; done
+    out "kernel_resets=$(dmesg | grep -c -i 'will reset\|reset controller\|resetting controller')"
+    # Requests each path's block layer completed (reads, writes, discards, flushes).
+    for s in /sys/block/nvme*c*n*; do
+        [ -e "$s" ] || continue
+        out "mp_path_requests=${s##*/} $(awk '{ print $1 + $5 + $12 + $16 }' "$s/stat")"
+    done
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
@@ -617,6 +721,7 @@ main() {
         fault-io) scenario_fault_io ;;
         durability) scenario_durability ;;
         writeback-starvation) scenario_writeback_starvation ;;
+        multipath) scenario_multipath ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;

@@ -108,6 +108,8 @@ pub struct GuestSpec {
     /// Harness self-test hook: run this command instead of blkswarm (in lab mode it
     /// runs inside L1, so paths are L1 paths). Everything else in the spec is ignored.
     pub command: Option<Vec<String>>,
+    /// The custom command starts blkswarm itself: the lab must carry the binary.
+    pub command_runs_vmm: bool,
 }
 
 /// The part of the guest command line the harness always sets.
@@ -126,6 +128,7 @@ impl GuestSpec {
             extra_args: Vec::new(),
             timeout: Duration::from_secs(90),
             command: None,
+            command_runs_vmm: false,
         }
     }
 
@@ -246,7 +249,7 @@ impl GuestSpec {
     }
 
     fn uses_vmm(&self) -> bool {
-        self.command.is_none()
+        self.command.is_none() || self.command_runs_vmm
     }
 }
 
@@ -305,6 +308,74 @@ pub fn vmm_argv(spec: &GuestSpec, mode: Mode) -> Vec<String> {
                 &paths.guest_initramfs().display().to_string(),
             )
         }
+    }
+}
+
+/// A scratch directory for a guest step named `name` where its blkswarm runs (in L1's
+/// /tmp in the lab, the host's temp dir directly).
+pub fn scratch_dir(name: &str, mode: Mode) -> String {
+    match mode {
+        Mode::Lab => format!("/tmp/blkswarm-{name}"),
+        Mode::Direct => std::env::temp_dir()
+            .join(format!("blkswarm-{name}-{}", std::process::id()))
+            .display()
+            .to_string(),
+    }
+}
+
+/// A guest step `name` that runs `guest`'s blkswarm itself, with a control socket and a
+/// report in [`scratch_dir`]: `setup` (shell) first, then once the guest printed its first
+/// disk line (and 4 s more) each of `requests` goes to the socket after its delay in
+/// seconds, its answer printed as `@@guest ctl_answer=...`. The VMM's output and report are
+/// handed back like any VMM guest's; the step's exit status is the VMM's.
+pub fn guest_with_ctl(
+    name: &str,
+    mode: Mode,
+    guest: GuestSpec,
+    setup: &str,
+    requests: &[(u32, &str)],
+) -> GuestSpec {
+    let dir = scratch_dir(name, mode);
+    let socket = format!("{dir}/api.sock");
+    let report = format!("{dir}/report");
+    let timeout = guest.timeout;
+    let guest = guest
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--report")
+        .arg(&report);
+    let vmm = vmm_argv(&guest, mode);
+    let ctl: String = requests
+        .iter()
+        .map(|(delay, request)| {
+            let mut ctl = vmm[..1].to_vec();
+            ctl.extend(["ctl", "--api-socket", &socket].map(String::from));
+            ctl.extend(request.split_whitespace().map(String::from));
+            format!(
+                "sleep {delay}; answer=$({} 2>&1); echo \"@@guest ctl_answer=$answer\" >>{dir}/answers\n",
+                shell::join(&ctl)
+            )
+        })
+        .collect();
+    let script = format!(
+        "mkdir -p {dir}; rm -f {dir}/out {dir}/answers\n\
+         {setup}\n\
+         {vmm} >{dir}/out 2>&1 &\n\
+         pid=$!\n\
+         i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
+         sleep 4\n\
+         {ctl}\
+         wait $pid; rc=$?\n\
+         cat {dir}/out {dir}/answers\n\
+         printf '@@lab report name=%s json=' {name}; cat {report}/report.json; echo\n\
+         exit $rc\n",
+        vmm = shell::join(&vmm),
+    );
+    GuestSpec {
+        command_runs_vmm: true,
+        ..GuestSpec::new(name, "boot")
+            .timeout(timeout)
+            .custom_command(["sh", "-c", &script])
     }
 }
 

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use harness::report::guest_disk;
-use harness::{shell, vmm_argv, GuestOutcome, GuestSpec, Mode, SharedRun};
+use harness::{guest_with_ctl, GuestOutcome, GuestSpec, Mode, SharedRun};
 
 /// Sectors 64..72: the guest's 4-KiB block 8.
 const BAD_SECTORS: &str = "64-72";
@@ -26,55 +26,20 @@ fn fault_io(name: &str, option: &str, disk: &str) -> GuestSpec {
 /// fio on an NVMe controller (the guest times I/O out after 5 s); once it runs, `requests`
 /// go to blkswarm's control socket, a second apart.
 fn nvme_fio_then_ctl(name: &str, mode: Mode, requests: &[&str]) -> GuestSpec {
-    let dir = match mode {
-        Mode::Lab => format!("/tmp/blkswarm-{name}"),
-        Mode::Direct => std::env::temp_dir()
-            .join(format!("blkswarm-{name}-{}", std::process::id()))
-            .display()
-            .to_string(),
-    };
-    let socket = format!("{dir}/api.sock");
-    let report = format!("{dir}/report");
     let guest = GuestSpec::new("fio", "fio")
         .cpus(2, 2)
+        .timeout(Duration::from_secs(240))
         .cmdline(
             "nvme_core.io_timeout=5 blkswarm.rw=randread blkswarm.bs=4k blkswarm.iodepth=4 \
              blkswarm.numjobs=1 blkswarm.runtime=25 blkswarm.ioengine=libaio blkswarm.direct=1",
         )
         .arg("--nvme")
-        .arg("backend=null,size=64M,max_ioqpairs=2")
-        .arg("--api-socket")
-        .arg(&socket)
-        .arg("--report")
-        .arg(&report);
-    let vmm = vmm_argv(&guest, mode);
-    let ctl: String = requests
-        .iter()
-        .map(|request| {
-            let mut ctl = vmm[..1].to_vec();
-            ctl.extend(["ctl", "--api-socket", &socket].map(String::from));
-            ctl.extend(request.split_whitespace().map(String::from));
-            format!("answer=$({} 2>&1)", shell::join(&ctl))
-        })
-        .collect::<Vec<_>>()
-        .join("; sleep 1; ");
-    let script = format!(
-        "mkdir -p {dir}; rm -f {dir}/out\n\
-         {vmm} >{dir}/out 2>&1 &\n\
-         pid=$!\n\
-         i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
-         sleep 4\n\
-         {ctl}\n\
-         wait $pid; rc=$?\n\
-         cat {dir}/out\n\
-         echo \"@@guest ctl_answer=$answer\"\n\
-         printf '@@lab report name=%s json=' {name}; cat {report}/report.json; echo\n\
-         exit $rc\n",
-        vmm = shell::join(&vmm),
-    );
-    GuestSpec::new(name, "boot")
-        .timeout(Duration::from_secs(240))
-        .custom_command(["sh", "-c", &script])
+        .arg("backend=null,size=64M,max_ioqpairs=2");
+    let requests: Vec<(u32, &str)> = (0..)
+        .zip(requests)
+        .map(|(index, request)| (u32::from(index > 0), *request))
+        .collect();
+    guest_with_ctl(name, mode, guest, "", &requests)
 }
 
 fn specs(mode: Mode) -> Vec<GuestSpec> {

@@ -7,11 +7,15 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use devices::io::FaultSettings;
+use devices::nvme::ana::{AnaState, ANA_TRANSITION_TIME_SECS};
+use devices::nvme::pci::NvmePciFunction;
+use devices::nvme::NvmeController;
 
+use crate::path_events::PathEvents;
 use crate::stats::{self, MeasuredDisk};
 
 /// A request line longer than this is refused.
@@ -22,59 +26,201 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ApiState {
     pub disks: Arc<Vec<MeasuredDisk>>,
     pub timing: bool,
+    /// Where controller events are recorded, for the stall each causes.
+    pub path_events: Arc<PathEvents>,
 }
 
 /// The answer to one request line.
 fn answer(state: &ApiState, request: &str) -> String {
     let mut words = request.split_whitespace();
     match words.next() {
-        Some("stats") => serde_json::to_string(&stats::collect(&state.disks, state.timing))
-            .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
+        Some("stats") => serde_json::to_string(&stats::collect(
+            &state.disks,
+            state.timing,
+            &state.path_events,
+        ))
+        .unwrap_or_else(|e| error_json(&format!("encoding the report: {e}"))),
         Some("fault") => set_faults(state, words).unwrap_or_else(|e| error_json(&e)),
-        Some(request @ ("fatal" | "reset")) => {
-            nvme_controller_event(state, request, words).unwrap_or_else(|e| error_json(&e))
+        Some(request @ ("fatal" | "reset" | "fail" | "restore" | "ana")) => {
+            controller_request(state, request, words).unwrap_or_else(|e| error_json(&e))
         }
         _ => error_json(&format!(
             "unknown request {:?}; known: stats, fault pci=ADDRESS [KEY=VALUE...], \
-             fatal pci=ADDRESS, reset pci=ADDRESS",
+             fatal|fail|restore|reset pci=ADDRESS, \
+             ana pci=ADDRESS group=NSID state=STATE [via_change_ms=N]",
             request.trim()
         )),
     }
 }
 
-/// On an NVMe controller: `fatal pci=0000:00:01.0` sets its fatal status (CSTS.CFS; it
-/// fetches no more commands until the guest resets it); `reset pci=...` forces an NVM
-/// Subsystem Reset (its queues vanish, commands in flight never complete, CSTS.NSSRO tells
-/// the guest why once its command timeout fires).
-fn nvme_controller_event<'a>(
-    state: &ApiState,
-    request: &str,
-    mut words: impl Iterator<Item = &'a str>,
-) -> Result<String, String> {
-    let pci = words
-        .next()
-        .and_then(|word| word.strip_prefix("pci="))
-        .ok_or_else(|| format!("{request}: give pci=ADDRESS"))?;
-    let function = state
-        .disks
+/// The NVMe controller at `pci`.
+fn nvme_function<'a>(
+    disks: &'a [MeasuredDisk],
+    pci: &str,
+) -> Result<&'a Arc<Mutex<NvmePciFunction>>, String> {
+    disks
         .iter()
         .find(|disk| disk.address.to_string() == pci)
-        .ok_or_else(|| format!("{request}: no disk at {pci}"))?
+        .ok_or_else(|| format!("no disk at {pci}"))?
         .nvme
         .as_ref()
-        .ok_or_else(|| format!("{request}: {pci} is not an NVMe controller"))?;
+        .ok_or_else(|| format!("{pci} is not an NVMe controller"))
+}
+
+/// Runs `change` on the controller at `pci` and records `event` for it.
+fn change_controller<T>(
+    disks: &[MeasuredDisk],
+    events: &PathEvents,
+    pci: &str,
+    event: String,
+    change: impl FnOnce(&mut NvmeController) -> Result<T, String>,
+) -> Result<T, String> {
+    let function = nvme_function(disks, pci)?;
     let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
-    if request == "fatal" {
-        function.controller_mut().fatal_error();
-    } else {
-        function.controller_mut().subsystem_reset();
+    let result = change(function.controller_mut())?;
+    events.record(pci, event);
+    Ok(result)
+}
+
+/// Requests on NVMe controllers, each recorded as a path event:
+/// - `fatal pci=A`: CSTS.CFS; it fetches no more commands until the guest resets it.
+/// - `fail pci=A`: as fatal, and it stays down (not ready after the guest's reset) until
+///   `restore pci=A`.
+/// - `reset pci=A`: an NVM Subsystem Reset of A's subsystem (every controller of it): queues
+///   vanish, commands in flight never complete, CSTS.NSSRO tells the guest why once its
+///   command timeout fires.
+/// - `ana pci=A group=G state=S [via_change_ms=N]`: A's ANA state of group G (the namespace
+///   id) becomes S (optimized, non-optimized, inaccessible, persistent-loss, change); with
+///   via_change_ms it is in the change state for N ms first (at most ANATT).
+fn controller_request<'a>(
+    state: &ApiState,
+    request: &str,
+    words: impl Iterator<Item = &'a str>,
+) -> Result<String, String> {
+    let mut pci = None;
+    let mut group = None;
+    let mut ana_state = None;
+    let mut via_change_ms = None;
+    for word in words {
+        let bad = || format!("{request}: {word:?}: expected KEY=VALUE");
+        let (key, value) = word.split_once('=').ok_or_else(bad)?;
+        let number = || {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("{request}: {key}={value:?} is not a number"))
+        };
+        match key {
+            "pci" => pci = Some(value),
+            "group" if request == "ana" => group = Some(number()?),
+            "state" if request == "ana" => {
+                ana_state = Some(AnaState::from_name(value).ok_or_else(|| {
+                    format!(
+                        "{request}: state={value:?}; known: {}",
+                        AnaState::ALL.map(AnaState::name).join(", ")
+                    )
+                })?)
+            }
+            "via_change_ms" if request == "ana" => via_change_ms = Some(number()?),
+            _ => return Err(format!("{request}: unknown key {key:?}")),
+        }
     }
-    let counters = function.controller().counters();
+    let pci = pci.ok_or_else(|| format!("{request}: give pci=ADDRESS"))?;
+    let disks = &state.disks;
+    let events = &state.path_events;
+    let err = |e: String| format!("{request}: {e}");
+    match request {
+        "fatal" => change_controller(disks, events, pci, "fatal".into(), |c| {
+            c.fatal_error();
+            Ok(())
+        })
+        .map_err(err)?,
+        "fail" => change_controller(disks, events, pci, "fail".into(), |c| {
+            c.fail();
+            Ok(())
+        })
+        .map_err(err)?,
+        "restore" => {
+            let held = change_controller(disks, events, pci, "restore".into(), |c| Ok(c.restore()))
+                .map_err(err)?;
+            if !held {
+                return Err(format!("restore: {pci} was not failed"));
+            }
+        }
+        "reset" => {
+            nvme_function(disks, pci).map_err(err)?;
+            let mut members = events.subsystem_of(pci);
+            if members.is_empty() {
+                members.push(pci.to_string());
+            }
+            for member in &members {
+                let event = if member == pci {
+                    "reset".to_string()
+                } else {
+                    format!("reset (subsystem reset from {pci})")
+                };
+                change_controller(disks, events, member, event, |c| {
+                    c.subsystem_reset();
+                    Ok(())
+                })
+                .map_err(err)?;
+            }
+        }
+        _ => {
+            let group = group.ok_or("ana: give group=NSID")?;
+            let target = ana_state.ok_or("ana: give state=STATE")?;
+            let set = |target: AnaState| {
+                change_controller(
+                    disks,
+                    events,
+                    pci,
+                    format!("ana group={group} state={}", target.name()),
+                    |c| c.set_ana_state(group, target),
+                )
+                .map_err(err)
+            };
+            match via_change_ms {
+                None => {
+                    set(target)?;
+                }
+                Some(ms) => {
+                    let limit_ms = u32::from(ANA_TRANSITION_TIME_SECS) * 1000;
+                    if ms > limit_ms {
+                        return Err(format!(
+                            "ana: via_change_ms={ms} is beyond ANATT ({limit_ms} ms): the guest \
+                             would reset the controller"
+                        ));
+                    }
+                    set(AnaState::Change)?;
+                    let (disks, events, pci) = (disks.clone(), events.clone(), pci.to_string());
+                    std::thread::Builder::new()
+                        .name("ana-transition".into())
+                        .spawn(move || {
+                            std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                            let event = format!("ana group={group} state={}", target.name());
+                            if let Err(e) = change_controller(&disks, &events, &pci, event, |c| {
+                                c.set_ana_state(group, target)
+                            }) {
+                                eprintln!("blkswarm: ana transition of {pci}: {e}");
+                            }
+                        })
+                        .map_err(|e| format!("ana: {e}"))?;
+                }
+            }
+        }
+    }
+    let function = nvme_function(disks, pci).map_err(err)?;
+    let function = function.lock().unwrap_or_else(PoisonError::into_inner);
+    let controller = function.controller();
+    let counters = controller.counters();
     Ok(serde_json::json!({
         "pci": pci,
+        "ready": controller.is_ready(),
+        "held_down": controller.is_held_down(),
         "fatal_errors": counters.fatal_errors,
         "resets": counters.resets,
         "subsystem_resets": counters.subsystem_resets,
+        "ana_changes": counters.ana_changes,
+        "ana_states": stats::ana_state_names(controller),
     })
     .to_string())
 }
@@ -220,6 +366,7 @@ mod tests {
             msix: None,
             faults: Arc::new(Faults::default()),
             nvme: None,
+            subsystem_nqn: None,
         }]);
         let path = std::env::temp_dir().join(format!("blkswarm-api-{}.sock", std::process::id()));
         let state_disks = disks.clone();
@@ -228,6 +375,7 @@ mod tests {
             ApiState {
                 disks,
                 timing: true,
+                path_events: Arc::new(PathEvents::new(&[])),
             },
         )
         .unwrap();

@@ -84,6 +84,8 @@ pub const DEFAULT_NVME_MDTS: u8 = 7;
 pub const MAX_NVME_IO_QUEUE_PAIRS: u16 = 1024;
 /// Namespaces per controller.
 pub const MAX_NVME_NAMESPACES: u32 = 256;
+/// Controllers of one subsystem (`controllers=N`): paths of a multipath disk.
+pub const MAX_NVME_CONTROLLERS_PER_SUBSYSTEM: u16 = 16;
 /// MDTS is a power of two of the 4 KiB page; 2^15 pages (128 MiB) is beyond any backend's use.
 pub const MAX_NVME_MDTS: u8 = 15;
 /// NVMe queues hold at most 65536 entries (CAP.MQES is 16 bits, 0's based).
@@ -105,6 +107,22 @@ pub struct NvmeConfig {
     pub serial: Option<String>,
     /// Injected faults at start, as for [`DiskConfig::faults`]; shared by every namespace.
     pub faults: Option<Arc<[(String, String)]>>,
+    /// `controllers=N`: the option asked for N controllers of one subsystem.
+    pub controllers: u16,
+    /// This controller's place in a multi-controller subsystem (set when the option is
+    /// expanded into its controllers); None for a controller alone in its subsystem.
+    pub subsystem: Option<SubsystemMember>,
+}
+
+/// A controller of an NVM subsystem with several: they share the namespaces (and their
+/// backends and injected faults), serial number and NQN, and report ANA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubsystemMember {
+    /// Which multi-controller subsystem of the VM, in command-line order.
+    pub id: usize,
+    /// 0-based position among its controllers; controller 0 creates the namespaces.
+    pub controller: u16,
+    pub controllers: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +244,9 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                  msix_vectors=V   MSI-X table size, 1..=2048 (default max_ioqpairs+1)
                  mdts=M           largest transfer: 4 KiB << M (default 7; 0: no limit)
                  serial=S         serial number, up to 20 characters
+                 controllers=N    N controllers (PCI functions) of one NVM subsystem
+                                  sharing the namespaces, with ANA: the guest sees one
+                                  multipath disk per namespace (default 1, at most 16)
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
   --report DIR           write the measurement report at exit: DIR/report.json (schema in
@@ -243,9 +264,17 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
        blkswarm ctl --api-socket PATH fatal pci=ADDRESS
                          set an NVMe controller's fatal status (CSTS.CFS): it fetches
                          nothing more until the guest resets it
+       blkswarm ctl --api-socket PATH fail pci=ADDRESS | restore pci=ADDRESS
+                         fail an NVMe controller as fatal does, and keep it from becoming
+                         ready again after the guest resets it, until restore
        blkswarm ctl --api-socket PATH reset pci=ADDRESS
-                         force an NVM Subsystem Reset of an NVMe controller: its queues
-                         vanish, commands in flight never complete, CSTS.NSSRO is set
+                         force an NVM Subsystem Reset (of every controller of ADDRESS's
+                         subsystem): queues vanish, commands in flight never complete,
+                         CSTS.NSSRO is set
+       blkswarm ctl --api-socket PATH ana pci=ADDRESS group=NSID state=STATE [via_change_ms=N]
+                         set a controller's ANA state of a namespace's group (optimized,
+                         non-optimized, inaccessible, persistent-loss, change), through
+                         the change state for N ms (at most ANATT, 10 s) if given
        blkswarm plot REPORT.json DIR
                          draw the SVG plots of a report into DIR
 
@@ -264,6 +293,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut memory_bytes = DEFAULT_MEMORY_BYTES;
     let mut disks = Vec::new();
     let mut nvmes: Vec<NvmeConfig> = Vec::new();
+    let mut subsystems = 0;
     let mut io_threads = None;
     let mut dry_run = false;
     let mut timing = true;
@@ -312,30 +342,24 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                 }
                 disks.extend(group.expand());
             }
-            "--nvme" => {
-                if nvmes.len() >= MAX_DISKS {
-                    return Err(ConfigError::TooManyDisks {
-                        disks: nvmes.len() + 1,
-                    });
-                }
-                nvmes.push(parse_nvme(&value()?)?)
-            }
+            "--nvme" => push_controllers(&mut nvmes, parse_nvme(&value()?)?, &mut subsystems)?,
             "--nvmes" => {
                 let (count, template, images) = parse_nvme_group(&value()?)?;
-                if nvmes.len() + count > MAX_DISKS {
+                let functions = count * usize::from(template.controllers);
+                if nvmes.len() + functions > MAX_DISKS {
                     return Err(ConfigError::TooManyDisks {
-                        disks: nvmes.len() + count,
+                        disks: nvmes.len() + functions,
                     });
                 }
-                nvmes.extend((0..count).map(|index| {
+                for index in 0..count {
                     let mut nvme = template.clone();
                     if let (Some(images), DiskBackendConfig::File { path, .. }) =
                         (&images, &mut nvme.backend)
                     {
                         *path = images.path(index);
                     }
-                    nvme
-                }));
+                    push_controllers(&mut nvmes, nvme, &mut subsystems)?;
+                }
             }
             "--dry-run" => dry_run = true,
             "--report" => report_dir = Some(PathBuf::from(value()?)),
@@ -526,6 +550,7 @@ struct DiskKeys<'a> {
     nvme_queue_size: u32,
     mdts: u8,
     serial: Option<&'a str>,
+    controllers: u16,
     /// `fault_*` keys, without the prefix, checked.
     faults: Option<Arc<[(String, String)]>>,
 }
@@ -564,6 +589,7 @@ fn read_disk_keys<'a>(
         nvme_queue_size: u32::from(DEFAULT_NVME_QUEUE_SIZE),
         mdts: DEFAULT_NVME_MDTS,
         serial: None,
+        controllers: 1,
         faults: None,
     };
     let mut faults = Vec::new();
@@ -598,6 +624,9 @@ fn read_disk_keys<'a>(
                 keys.max_io_queue_pairs = number(1, u64::from(MAX_NVME_IO_QUEUE_PAIRS))? as u16
             }
             "mdts" if nvme => keys.mdts = number(0, u64::from(MAX_NVME_MDTS))? as u8,
+            "controllers" if nvme => {
+                keys.controllers = number(1, u64::from(MAX_NVME_CONTROLLERS_PER_SUBSYSTEM))? as u16
+            }
             "serial" if nvme => {
                 // Identify Controller's SN field: 20 printable ASCII characters.
                 let printable = value.bytes().all(|b| b.is_ascii_graphic());
@@ -674,6 +703,8 @@ impl DiskKeys<'_> {
             mdts: self.mdts,
             serial: self.serial.map(str::to_string),
             faults: self.faults.clone(),
+            controllers: self.controllers,
+            subsystem: None,
         })
     }
 }
@@ -869,6 +900,36 @@ fn group_images(keys: &DiskKeys<'_>, list: &str) -> Result<GroupImages, ConfigEr
             "give path=/dir/disk%d.img, dir=/dir or backend=null,size=SIZE",
         )),
     }
+}
+
+/// Appends the PCI functions `nvme` asks for: itself, or with controllers=N the N
+/// controllers of one new subsystem.
+fn push_controllers(
+    nvmes: &mut Vec<NvmeConfig>,
+    nvme: NvmeConfig,
+    subsystems: &mut usize,
+) -> Result<(), ConfigError> {
+    let count = usize::from(nvme.controllers);
+    if nvmes.len() + count > MAX_DISKS {
+        return Err(ConfigError::TooManyDisks {
+            disks: nvmes.len() + count,
+        });
+    }
+    if count == 1 {
+        nvmes.push(nvme);
+        return Ok(());
+    }
+    let id = *subsystems;
+    *subsystems += 1;
+    nvmes.extend((0..nvme.controllers).map(|controller| NvmeConfig {
+        subsystem: Some(SubsystemMember {
+            id,
+            controller,
+            controllers: nvme.controllers,
+        }),
+        ..nvme.clone()
+    }));
+    Ok(())
 }
 
 fn parse_nvme(list: &str) -> Result<NvmeConfig, ConfigError> {
@@ -1425,6 +1486,50 @@ mod tests {
     }
 
     #[test]
+    fn controllers_expand_into_members_of_one_subsystem_each() {
+        let nvmes = nvmes_of(&[
+            "--nvme",
+            "backend=null,size=1G,controllers=2",
+            "--nvme",
+            "backend=null,size=1G",
+            "--nvmes",
+            "count=2,backend=null,size=1G,controllers=3",
+        ]);
+        let members: Vec<Option<(usize, u16, u16)>> = nvmes
+            .iter()
+            .map(|nvme| nvme.subsystem.map(|m| (m.id, m.controller, m.controllers)))
+            .collect();
+        assert_eq!(
+            members,
+            [
+                Some((0, 0, 2)),
+                Some((0, 1, 2)),
+                None,
+                Some((1, 0, 3)),
+                Some((1, 1, 3)),
+                Some((1, 2, 3)),
+                Some((2, 0, 3)),
+                Some((2, 1, 3)),
+                Some((2, 2, 3)),
+            ]
+        );
+        let mut line = vec![
+            "--kernel",
+            "/k",
+            "--nvme",
+            "backend=null,size=1G,controllers=17",
+        ];
+        assert!(parse(&line).is_err(), "at most 16 controllers");
+        line[3] = "path=/img,controllers=0";
+        assert!(parse(&line).is_err());
+        let too_many = format!("count={MAX_DISKS},backend=null,size=1G,controllers=2");
+        assert!(matches!(
+            parse(&["--kernel", "/k", "--nvmes", &too_many]),
+            Err(ConfigError::TooManyDisks { .. })
+        ));
+    }
+
+    #[test]
     fn nvme_controllers_with_defaults_and_every_key() {
         let nvmes = nvmes_of(&[
             "--nvme",
@@ -1449,6 +1554,8 @@ mod tests {
                 mdts: 7,
                 serial: None,
                 faults: None,
+                controllers: 1,
+                subsystem: None,
             }
         );
         assert_eq!(

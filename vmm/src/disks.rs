@@ -111,41 +111,58 @@ pub struct Disks {
     pub measured: Vec<MeasuredDisk>,
 }
 
-/// The controller `nvme` describes: the `index`th of the VM, its namespaces backed by one
-/// file or, with the null backend, one null disk of `size` each.
-fn nvme_controller_config(
+/// The namespaces of the `index`th controller: one per file, or with the null backend one
+/// null disk of `size` each.
+fn nvme_namespaces(
     index: usize,
     nvme: &NvmeConfig,
     faults: &Arc<Faults>,
-) -> Result<ControllerConfig, BackendError> {
+) -> Result<Vec<NamespaceConfig>, BackendError> {
     let seed = (index as u64) << 16;
     let open_namespace = || {
         open(&nvme.backend, nvme.read_only)
             .map(|backend| Arc::new(backend.with_faults(faults.clone())))
     };
-    let namespaces = match &nvme.backend {
-        DiskBackendConfig::File { .. } => {
-            vec![NamespaceConfig::with_seed(open_namespace()?, seed + 1)]
-        }
+    match &nvme.backend {
+        DiskBackendConfig::File { .. } => Ok(vec![NamespaceConfig::with_seed(
+            open_namespace()?,
+            seed + 1,
+        )]),
         DiskBackendConfig::Null { .. } => (1..=u64::from(nvme.namespaces))
             .map(|nsid| {
                 open_namespace().map(|backend| NamespaceConfig::with_seed(backend, seed + nsid))
             })
-            .collect::<Result<_, _>>()?,
-    };
-    Ok(ControllerConfig {
+            .collect(),
+    }
+}
+
+/// The controller `nvme` describes, the `index`th of the VM, over `namespaces`. Controllers
+/// of one subsystem share the serial number of its first (`first_index`) and the NQN, have
+/// controller ids 1, 2, ... and report ANA.
+fn nvme_controller_config(
+    index: usize,
+    nvme: &NvmeConfig,
+    namespaces: Vec<NamespaceConfig>,
+) -> ControllerConfig {
+    let first_index = index - nvme.subsystem.map_or(0, |m| usize::from(m.controller));
+    let serial = nvme
+        .serial
+        .clone()
+        .unwrap_or_else(|| format!("blkswarm-nvme-{first_index}"));
+    let member = nvme.subsystem;
+    ControllerConfig {
         max_queue_entries: nvme.queue_size,
         max_io_queue_pairs: nvme.max_io_queue_pairs,
         interrupt_vectors: nvme.msix_vectors,
         mdts: nvme.mdts,
-        serial: nvme
-            .serial
-            .clone()
-            .unwrap_or_else(|| format!("blkswarm-nvme-{index}")),
-        controller_id: 0,
+        controller_id: member.map_or(0, |m| m.controller + 1),
+        subsystem_nqn: member.map(|_| format!("nqn.2024-01.dev.blkswarm:subsys:{serial}")),
+        multi_controller: member.is_some(),
+        ana_reporting: member.is_some(),
+        serial,
         namespaces,
         ..ControllerConfig::default()
-    })
+    }
 }
 
 /// Creates every disk on `pci`. Linear in the number of disks: each is opened and placed once.
@@ -197,14 +214,30 @@ pub fn create_disks(
             msix: lock(&function.transport).msix().cloned(),
             faults: disk_faults,
             nvme: None,
+            subsystem_nqn: None,
         });
         functions.push(function);
     }
     let mut nvme_functions = Vec::with_capacity(nvmes.len());
+    // The namespaces and faults of the subsystem being built, shared by its controllers.
+    let mut subsystem: Option<(Vec<NamespaceConfig>, Arc<Faults>)> = None;
     for (index, nvme) in nvmes.iter().enumerate() {
-        let controller_faults = faults(nvme.faults.as_deref(), (1 << 32) | index as u64);
-        let config = nvme_controller_config(index, nvme, &controller_faults)
-            .map_err(|source| DiskError::NvmeBackend { index, source })?;
+        let joins_subsystem = nvme.subsystem.is_some_and(|m| m.controller > 0);
+        let (namespaces, controller_faults) = match (&subsystem, joins_subsystem) {
+            (Some(shared), true) => shared.clone(),
+            _ => {
+                let faults = faults(nvme.faults.as_deref(), (1 << 32) | index as u64);
+                let namespaces = nvme_namespaces(index, nvme, &faults)
+                    .map_err(|source| DiskError::NvmeBackend { index, source })?;
+                (namespaces, faults)
+            }
+        };
+        subsystem = nvme
+            .subsystem
+            .map(|_| (namespaces.clone(), controller_faults.clone()));
+        let config = nvme_controller_config(index, nvme, namespaces);
+        // Every controller, alone or not, has a subsystem: path events are measured on it.
+        let subsystem_nqn = Some(config.subsystem_nqn());
         let function = pci
             .add_nvme(config, nvme.msix_vectors, pool.clone())
             .map_err(|source| DiskError::NvmePci { index, source })?;
@@ -224,6 +257,7 @@ pub fn create_disks(
                 msix: Some(guard.msix().clone()),
                 faults: controller_faults,
                 nvme: Some(function.function.clone()),
+                subsystem_nqn,
             });
         }
         nvme_functions.push(function);

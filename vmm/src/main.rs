@@ -8,6 +8,7 @@ mod config;
 mod cpuid;
 mod disks;
 mod layout;
+mod path_events;
 mod pci;
 mod plots;
 mod report;

@@ -15,7 +15,11 @@ use std::time::Duration;
 
 use devices::io::Faults;
 use devices::latency::{now_ns, InFlightSeries, Phase, PhaseHistograms, QueueLatency};
+use devices::nvme::ana::AnaState;
 use devices::nvme::pci::NvmePciFunction;
+use devices::nvme::NvmeController;
+
+use crate::path_events::{PathEventReport, PathEvents};
 use devices::pci::PciAddress;
 use hdrhistogram::Histogram;
 use irq::msix::Msix;
@@ -53,6 +57,8 @@ pub struct MeasuredDisk {
     pub faults: Arc<Faults>,
     /// The NVMe controller's function, for its counts and for controller faults.
     pub nvme: Option<Arc<Mutex<NvmePciFunction>>>,
+    /// NVMe controllers: their subsystem's NQN.
+    pub subsystem_nqn: Option<String>,
 }
 
 /// Summary of one phase's histogram, in nanoseconds.
@@ -153,6 +159,14 @@ pub struct ControllerReport {
     pub resets: u64,
     #[serde(default)]
     pub subsystem_resets: u64,
+    /// The subsystem NQN; with controllers=N also this controller's ANA state of each
+    /// group (group id = namespace id = index + 1) and how many times they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsystem: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ana_states: Vec<String>,
+    #[serde(default)]
+    pub ana_changes: u64,
 }
 
 /// What fault injection did to a disk's reads and writes.
@@ -178,6 +192,19 @@ pub struct Report {
     /// MSI-X interrupts of every disk by destination vCPU.
     pub interrupts_by_vcpu: BTreeMap<u32, u64>,
     pub disks: Vec<DiskReport>,
+    /// Events on NVMe controllers set through the control socket, with the I/O stall each
+    /// caused (see `path_events`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_events: Vec<PathEventReport>,
+}
+
+/// A controller's ANA state of each group, by name; empty without ANA.
+pub fn ana_state_names(controller: &NvmeController) -> Vec<&'static str> {
+    controller.ana_groups().map_or_else(Vec::new, |groups| {
+        (1..=groups.groups())
+            .map(|group| groups.state(group).map_or("?", AnaState::name))
+            .collect()
+    })
 }
 
 fn milliseconds(nanoseconds: u64) -> f64 {
@@ -247,7 +274,7 @@ fn vector_reports(msix: &Msix) -> Vec<VectorReport> {
 }
 
 /// The report as of now.
-pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
+pub fn collect(disks: &[MeasuredDisk], timing: bool, path_events: &PathEvents) -> Report {
     let mut merged: Option<PhaseHistograms> = None;
     let mut interrupts_by_vcpu: BTreeMap<u32, u64> = BTreeMap::new();
     let disk_reports: Vec<DiskReport> = disks
@@ -277,15 +304,19 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
                     .collect(),
                 vectors,
                 controller: disk.nvme.as_ref().map(|function| {
-                    let counters = function
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .controller()
-                        .counters();
+                    let function = function.lock().unwrap_or_else(PoisonError::into_inner);
+                    let controller = function.controller();
+                    let counters = controller.counters();
                     ControllerReport {
                         fatal_errors: counters.fatal_errors,
                         resets: counters.resets,
                         subsystem_resets: counters.subsystem_resets,
+                        subsystem: disk.subsystem_nqn.clone(),
+                        ana_states: ana_state_names(controller)
+                            .into_iter()
+                            .map(String::from)
+                            .collect(),
+                        ana_changes: counters.ana_changes,
                     }
                 }),
                 faults_injected: {
@@ -329,6 +360,7 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool) -> Report {
         phases,
         interrupts_by_vcpu,
         disks: disk_reports,
+        path_events: path_events.report(),
     }
 }
 
@@ -342,14 +374,15 @@ pub fn write_json(report: &Report, dir: &Path) -> io::Result<std::path::PathBuf>
     Ok(path)
 }
 
-/// Samples every queue's in-flight depth each [`SAMPLE_INTERVAL`] until stopped.
+/// Samples every queue's in-flight depth each [`SAMPLE_INTERVAL`] until stopped, and
+/// measures the stalls of path events on the same beat.
 pub struct InFlightSampler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl InFlightSampler {
-    pub fn spawn(queues: Vec<Arc<QueueLatency>>) -> io::Result<Self> {
+    pub fn spawn(queues: Vec<Arc<QueueLatency>>, path_events: Arc<PathEvents>) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -359,6 +392,7 @@ impl InFlightSampler {
                     for queue in &queues {
                         queue.sample_in_flight();
                     }
+                    path_events.tick();
                     std::thread::sleep(SAMPLE_INTERVAL);
                 }
             })?;
@@ -450,12 +484,17 @@ mod tests {
             msix: None,
             faults: Arc::new(Faults::default()),
             nvme: None,
+            subsystem_nqn: None,
         }
     }
 
     #[test]
     fn the_report_counts_every_request_once_and_survives_json() {
-        let report = collect(&[disk_with_requests(20), disk_with_requests(5)], true);
+        let report = collect(
+            &[disk_with_requests(20), disk_with_requests(5)],
+            true,
+            &PathEvents::new(&[]),
+        );
         assert_eq!(report.schema, SCHEMA);
         assert_eq!((report.requests, report.interrupts), (25, 25));
         let disk = &report.disks[0];
@@ -488,7 +527,7 @@ mod tests {
 
     #[test]
     fn plots_are_svg_files() {
-        let report = collect(&[disk_with_requests(10)], true);
+        let report = collect(&[disk_with_requests(10)], true, &PathEvents::new(&[]));
         let dir = std::env::temp_dir().join(format!("blkswarm-plots-{}", std::process::id()));
         let files = crate::plots::render(&report, &dir).unwrap();
         let names: Vec<String> = files

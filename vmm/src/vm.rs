@@ -19,6 +19,7 @@ use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
 use crate::disks::{self, DiskError};
 use crate::layout;
+use crate::path_events::PathEvents;
 use crate::pci::{self, PciError, PciSegment};
 use crate::report;
 use crate::vcpu::{self, VcpuActivity, VcpuContext, VcpuError};
@@ -343,11 +344,13 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let kicks = spawn_vcpu_watchdog(activity.clone()).map_err(VmError::Thread)?;
     let probe_monitor = report::spawn_probe_monitor(disks.functions.clone(), activity.clone())
         .map_err(VmError::Thread)?;
+    let path_events = Arc::new(PathEvents::new(&measured));
     let sampler = stats::InFlightSampler::spawn(
         measured
             .iter()
             .flat_map(|disk| disk.queues.iter().map(|queue| queue.latency.clone()))
             .collect(),
+        path_events.clone(),
     )
     .map_err(VmError::Thread)?;
     let _api_server = match &config.api_socket {
@@ -357,6 +360,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
                 api::ApiState {
                     disks: measured.clone(),
                     timing: config.timing,
+                    path_events: path_events.clone(),
                 },
             )
             .map_err(|e| VmError::Device(format!("--api-socket {}: {e}", path.display())))?,
@@ -396,7 +400,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     report::print_closing_report(&disks.functions, &probe_history);
     report::print_nvme_report(&disks.nvme_functions);
     sampler.stop();
-    write_measurement_report(&measured, config);
+    write_measurement_report(&measured, config, &path_events);
     eprintln!(
         "@@vmm vcpu_kicks={} (vCPUs idle in KVM_RUN for {} ms, entered again)",
         kicks.load(std::sync::atomic::Ordering::Relaxed),
@@ -418,8 +422,12 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
 
 /// The measurement report at exit: a short summary on stderr, and with `--report DIR` the
 /// JSON and its plots (their paths on `@@vmm report_*` lines).
-fn write_measurement_report(measured: &[stats::MeasuredDisk], config: &VmConfig) {
-    let report = stats::collect(measured, config.timing);
+fn write_measurement_report(
+    measured: &[stats::MeasuredDisk],
+    config: &VmConfig,
+    path_events: &PathEvents,
+) {
+    let report = stats::collect(measured, config.timing, path_events);
     for line in stats::summary_lines(&report) {
         eprintln!("{line}");
     }

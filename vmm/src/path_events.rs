@@ -1,0 +1,323 @@
+//! Host-side events on NVMe paths (ANA state changes, failed, restored and reset
+//! controllers, set through the control socket) and the I/O stall each caused.
+//!
+//! A stall is measured on the event's subsystem (every controller sharing its namespaces):
+//! the longest interval, from the event until the next event on the subsystem or
+//! [`EVENT_WINDOW`], in which none of its queues published a completion (errors included:
+//! a path error the guest fails over on is progress). Under a steady load (fio) that is
+//! the pause the guest saw; an idle guest stalls the whole window, so read it with the
+//! in-flight series beside it. Also measured: how long the event's own controller took to
+//! complete a command again ("path back"). Resolution: the in-flight sampler's interval.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use devices::latency::{now_ns, QueueLatency};
+use serde::{Deserialize, Serialize};
+
+use crate::stats::MeasuredDisk;
+
+/// How long after an event its stall is looked for, unless another event on the same
+/// subsystem comes first.
+pub const EVENT_WINDOW_NS: u64 = 30_000_000_000;
+
+/// One controller: its PCI address and I/O queues.
+struct Controller {
+    address: String,
+    queues: Vec<Arc<QueueLatency>>,
+}
+
+/// Controllers sharing namespaces (one, for a controller alone in its subsystem).
+struct Subsystem {
+    nqn: String,
+    controllers: Vec<Controller>,
+}
+
+impl Subsystem {
+    fn completions(&self) -> u64 {
+        self.controllers.iter().map(Controller::completions).sum()
+    }
+}
+
+impl Controller {
+    fn completions(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|queue| queue.counts().requests)
+            .sum()
+    }
+}
+
+/// One event and what has been measured of it so far.
+struct Event {
+    at_ns: u64,
+    subsystem: usize,
+    controller: usize,
+    what: String,
+    window_end_ns: u64,
+    open: bool,
+    subsystem_completions: u64,
+    controller_completions: u64,
+    /// Start of the current interval without subsystem completions.
+    quiet_since_ns: u64,
+    longest_quiet_ns: u64,
+    controller_back_ns: Option<u64>,
+}
+
+/// An event as the report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathEventReport {
+    /// Milliseconds since the VMM started.
+    pub at_ms: f64,
+    pub pci: String,
+    pub subsystem: String,
+    /// `ana group=1 state=inaccessible`, `fatal`, `fail`, `restore`, `reset`.
+    pub event: String,
+    /// Longest interval without a completion on the subsystem after the event (see the
+    /// module documentation), so far if the window is still open.
+    pub subsystem_stall_ms: f64,
+    /// Until the event's controller completed a command again; None if it has not (yet).
+    pub controller_back_ms: Option<f64>,
+    /// Still being measured.
+    pub open: bool,
+}
+
+/// Every NVMe subsystem's events.
+pub struct PathEvents {
+    subsystems: Vec<Subsystem>,
+    events: Mutex<Vec<Event>>,
+}
+
+fn milliseconds(nanoseconds: u64) -> f64 {
+    nanoseconds as f64 / 1e6
+}
+
+impl PathEvents {
+    /// Groups the NVMe controllers of `disks` by subsystem NQN.
+    pub fn new(disks: &[MeasuredDisk]) -> Self {
+        let mut subsystems: Vec<Subsystem> = Vec::new();
+        for disk in disks {
+            let Some(nqn) = &disk.subsystem_nqn else {
+                continue;
+            };
+            let controller = Controller {
+                address: disk.address.to_string(),
+                queues: disk.queues.iter().map(|q| q.latency.clone()).collect(),
+            };
+            match subsystems.iter_mut().find(|s| &s.nqn == nqn) {
+                Some(subsystem) => subsystem.controllers.push(controller),
+                None => subsystems.push(Subsystem {
+                    nqn: nqn.clone(),
+                    controllers: vec![controller],
+                }),
+            }
+        }
+        PathEvents {
+            subsystems,
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn find(&self, pci: &str) -> Option<(usize, usize)> {
+        self.subsystems
+            .iter()
+            .enumerate()
+            .find_map(|(s, subsystem)| {
+                subsystem
+                    .controllers
+                    .iter()
+                    .position(|controller| controller.address == pci)
+                    .map(|c| (s, c))
+            })
+    }
+
+    /// The PCI addresses of every controller in `pci`'s subsystem (itself included).
+    pub fn subsystem_of(&self, pci: &str) -> Vec<String> {
+        self.find(pci)
+            .map(|(s, _)| {
+                self.subsystems[s]
+                    .controllers
+                    .iter()
+                    .map(|controller| controller.address.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Records `what` happening to the controller at `pci` now; closes the measurement of
+    /// earlier events on its subsystem. Unknown addresses are ignored.
+    pub fn record(&self, pci: &str, what: String) {
+        self.record_at(pci, what, now_ns());
+    }
+
+    fn record_at(&self, pci: &str, what: String, at_ns: u64) {
+        let Some((subsystem, controller)) = self.find(pci) else {
+            return;
+        };
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in events.iter_mut() {
+            if event.open && event.subsystem == subsystem {
+                close(event, at_ns);
+            }
+        }
+        let subsystem_ref = &self.subsystems[subsystem];
+        events.push(Event {
+            at_ns,
+            subsystem,
+            controller,
+            what,
+            window_end_ns: at_ns.saturating_add(EVENT_WINDOW_NS),
+            open: true,
+            subsystem_completions: subsystem_ref.completions(),
+            controller_completions: subsystem_ref.controllers[controller].completions(),
+            quiet_since_ns: at_ns,
+            longest_quiet_ns: 0,
+            controller_back_ns: None,
+        });
+    }
+
+    /// Called by the in-flight sampler each interval.
+    pub fn tick(&self) {
+        self.tick_at(now_ns());
+    }
+
+    fn tick_at(&self, now: u64) {
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in events.iter_mut().filter(|event| event.open) {
+            let subsystem = &self.subsystems[event.subsystem];
+            let completions = subsystem.completions();
+            if completions != event.subsystem_completions {
+                event.subsystem_completions = completions;
+                event.longest_quiet_ns = event
+                    .longest_quiet_ns
+                    .max(now - event.quiet_since_ns.min(now));
+                event.quiet_since_ns = now;
+            }
+            if event.controller_back_ns.is_none()
+                && subsystem.controllers[event.controller].completions()
+                    != event.controller_completions
+            {
+                event.controller_back_ns = Some(now.saturating_sub(event.at_ns));
+            }
+            if now >= event.window_end_ns {
+                close(event, event.window_end_ns);
+            }
+        }
+    }
+
+    /// Every event so far, in order.
+    pub fn report(&self) -> Vec<PathEventReport> {
+        let now = now_ns();
+        let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        events
+            .iter()
+            .map(|event| {
+                let ongoing = if event.open {
+                    now.saturating_sub(event.quiet_since_ns)
+                } else {
+                    0
+                };
+                PathEventReport {
+                    at_ms: milliseconds(event.at_ns),
+                    pci: self.subsystems[event.subsystem].controllers[event.controller]
+                        .address
+                        .clone(),
+                    subsystem: self.subsystems[event.subsystem].nqn.clone(),
+                    event: event.what.clone(),
+                    subsystem_stall_ms: milliseconds(event.longest_quiet_ns.max(ongoing)),
+                    controller_back_ms: event.controller_back_ns.map(milliseconds),
+                    open: event.open,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Ends an event's window at `end_ns`: a quiet interval still running counts up to there.
+fn close(event: &mut Event, end_ns: u64) {
+    event.longest_quiet_ns = event
+        .longest_quiet_ns
+        .max(end_ns.saturating_sub(event.quiet_since_ns));
+    event.open = false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::latency::{LatencyRecorder, RequestTimes};
+
+    fn two_controller_subsystem() -> (PathEvents, [Arc<QueueLatency>; 2]) {
+        let queues = [Arc::new(QueueLatency::new()), Arc::new(QueueLatency::new())];
+        let events = PathEvents {
+            subsystems: vec![Subsystem {
+                nqn: "nqn.test".into(),
+                controllers: vec![
+                    Controller {
+                        address: "0000:00:01.0".into(),
+                        queues: vec![queues[0].clone()],
+                    },
+                    Controller {
+                        address: "0000:00:02.0".into(),
+                        queues: vec![queues[1].clone()],
+                    },
+                ],
+            }],
+            events: Mutex::new(Vec::new()),
+        };
+        (events, queues)
+    }
+
+    /// One request through `queue`, as a worker counts it.
+    fn complete(queue: &Arc<QueueLatency>) {
+        let mut recorder = LatencyRecorder::new(queue.clone());
+        recorder.fetched();
+        recorder.published(RequestTimes::default());
+        recorder.batch_ended(false);
+    }
+
+    #[test]
+    fn stall_is_the_longest_quiet_interval_and_the_path_comes_back() {
+        let (events, queues) = two_controller_subsystem();
+        let ms = 1_000_000;
+        events.record_at("0000:00:01.0", "fatal".into(), 1000 * ms);
+        // The other path goes on for 20 ms, then nothing completes for 300 ms.
+        complete(&queues[1]);
+        events.tick_at(1010 * ms);
+        complete(&queues[1]);
+        events.tick_at(1020 * ms);
+        events.tick_at(1200 * ms);
+        complete(&queues[0]);
+        events.tick_at(1320 * ms);
+        let report = &events.report()[0];
+        assert_eq!(report.controller_back_ms, Some(320.0));
+        assert!(report.open);
+        // The next event closes this one: 80 ms quiet before it, less than the 300.
+        events.record_at(
+            "0000:00:02.0",
+            "ana group=1 state=inaccessible".into(),
+            1400 * ms,
+        );
+        let report = events.report();
+        assert!(!report[0].open);
+        assert_eq!(report[0].subsystem_stall_ms, 300.0);
+        assert_eq!(report[1].pci, "0000:00:02.0");
+        assert_eq!(report[1].event, "ana group=1 state=inaccessible");
+        assert_eq!(report[1].controller_back_ms, None);
+    }
+
+    #[test]
+    fn unknown_controllers_are_ignored_and_windows_close() {
+        let (events, _) = two_controller_subsystem();
+        events.record_at("0000:00:09.0", "fatal".into(), 5);
+        assert!(events.report().is_empty());
+        events.record_at("0000:00:01.0", "reset".into(), 0);
+        events.tick_at(EVENT_WINDOW_NS + 1);
+        let report = &events.report()[0];
+        assert!(!report.open);
+        assert_eq!(report.subsystem_stall_ms, milliseconds(EVENT_WINDOW_NS));
+        assert_eq!(
+            events.subsystem_of("0000:00:02.0"),
+            ["0000:00:01.0", "0000:00:02.0"]
+        );
+        assert!(events.subsystem_of("0000:00:09.0").is_empty());
+    }
+}
