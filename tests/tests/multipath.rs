@@ -13,32 +13,38 @@ use harness::{guest_with_ctl, scratch_dir, words, GuestOutcome, GuestSpec, Mode,
 const PATH_A: &str = "0000:00:01.0";
 const PATH_B: &str = "0000:00:02.0";
 
-fn specs(mode: Mode) -> Vec<GuestSpec> {
-    let dir = scratch_dir("multipath", mode);
-    let image = format!("{dir}/shared.img");
+/// fio verify over the multipath disk of a two-controller subsystem on a fresh image while
+/// `requests` go to the control socket (each after its delay in seconds).
+fn multipath_guest(name: &str, mode: Mode, requests: &[(u32, &str)]) -> GuestSpec {
+    let image = format!("{}/shared.img", scratch_dir(name, mode));
     let guest = GuestSpec::new("multipath", "multipath")
         .cpus(2, 2)
         .timeout(Duration::from_secs(240))
         .cmdline("nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=24")
         .arg("--nvme")
         .arg(format!("path={image},controllers=2,max_ioqpairs=2"));
+    let setup = format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null");
+    guest_with_ctl(name, mode, guest, &setup, requests)
+}
+
+fn specs(mode: Mode) -> Vec<GuestSpec> {
     let a = |request: &str| format!("{request} pci={PATH_A}");
-    let requests = [
+    let (inaccessible, back, fatal) = (
         a("ana group=1 state=inaccessible"),
         a("ana group=1 state=optimized via_change_ms=1500"),
         a("fatal"),
-    ];
-    vec![guest_with_ctl(
-        "multipath",
-        mode,
-        guest,
-        &format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null"),
-        &[
-            (0, requests[0].as_str()),
-            (4, requests[1].as_str()),
-            (5, requests[2].as_str()),
-        ],
-    )]
+    );
+    let (fail, restore) = (a("fail"), a("restore"));
+    vec![
+        multipath_guest(
+            "multipath",
+            mode,
+            &[(0, &inaccessible), (4, &back), (5, &fatal)],
+        ),
+        // A path down for longer than the guest's I/O timeout: its reset waits for the
+        // controller to become ready (up to CAP.TO, 15 s), which it does at the restore.
+        multipath_guest("multipath_down", mode, &[(0, &fail), (9, &restore)]),
+    ]
 }
 
 static RUN: SharedRun = SharedRun::new(specs);
@@ -174,5 +180,41 @@ fn the_host_report_holds_each_event_and_its_stall() {
             ))
             .collect::<Vec<_>>(),
         fatal["controller_back_ms"]
+    );
+}
+
+#[test]
+fn a_path_held_down_past_the_io_timeout_comes_back_at_its_restore() {
+    let o = RUN.clean("multipath_down");
+    o.expect_result("fio_rc", "0");
+    o.expect_result("fio_errors", "0");
+    let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
+    assert!(resets >= 1, "the guest logged no controller reset");
+    let after = o.get("mp_paths_after").unwrap();
+    assert!(
+        words(after)
+            .values()
+            .all(|state| *state == "optimized/live"),
+        "{after}"
+    );
+    let answers = o.get_all("ctl_answer");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(answers[0].contains("\"held_down\":true"), "{answers:?}");
+    assert!(answers[1].contains("\"held_down\":false"), "{answers:?}");
+    let report = o.report_json();
+    let events = report["path_events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names, ["fail", "restore"], "{events:#?}");
+    assert!(
+        events[1]["controller_back_ms"].as_f64().is_some(),
+        "path A served nothing after its restore: {:#?}",
+        events[1]
+    );
+    eprintln!(
+        "multipath_down: stall after fail {:?} ms, after restore {:?} ms; path A back {:?} ms after the restore",
+        events[0]["subsystem_stall_ms"], events[1]["subsystem_stall_ms"], events[1]["controller_back_ms"]
     );
 }
