@@ -447,6 +447,17 @@ impl GuestOutcome {
         self.exit_code == Some(3) && self.console.contains("triple fault")
     }
 
+    /// Timed out (SIGTERM from the lab's timeout) while L1's own kernel reported blkswarm's
+    /// vCPU thread stuck inside its KVM ("INFO: task vcpu0:191 blocked for more than 120
+    /// seconds", seen once in CI with the guest silent from boot): the lab hung, not the guest.
+    pub fn hung_in_the_lab(&self) -> bool {
+        self.mode == Mode::Lab
+            && self.exit_code == Some(143)
+            && self.console.lines().any(|line| {
+                line.contains("INFO: task vcpu") && line.contains("blocked for more than")
+            })
+    }
+
     /// Lost because L1 died under it or before it began (lab mode).
     pub fn lost_with_the_lab(&self) -> bool {
         self.lost.as_deref().is_some_and(|why| {
@@ -791,7 +802,9 @@ impl Runner {
                 // earlier steps made there), up to LAB_ATTEMPTS boots in all; each such
                 // guest takes the outcome of the first boot where the lab held. A guest
                 // whose failure repeats on every boot is reported with its last outcome.
-                let is_flaky = |o: &GuestOutcome| o.lost_with_the_lab() || o.triple_faulted();
+                let is_flaky = |o: &GuestOutcome| {
+                    o.lost_with_the_lab() || o.triple_faulted() || o.hung_in_the_lab()
+                };
                 let mut history: Vec<Vec<String>> = vec![Vec::new(); outcomes.len()];
                 for attempt in 2..=LAB_ATTEMPTS {
                     let flaky: Vec<usize> = (0..outcomes.len())
@@ -803,7 +816,7 @@ impl Runner {
                     let names: Vec<&str> =
                         flaky.iter().map(|&i| outcomes[i].name.as_str()).collect();
                     eprintln!(
-                        "harness: lab failure (L1 died or L2 triple fault) in {names:?}; \
+                        "harness: lab failure (L1 died or hung, or L2 triple fault) in {names:?}; \
                          running the plan again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})"
                     );
                     let (mut retried, _) = lab::run(&cfg, specs)?;
@@ -907,6 +920,17 @@ mod tests {
         o.lost = Some("never started: the lab timed out".into());
         assert!(!o.lost_with_the_lab());
         assert!(!o.triple_faulted());
+        assert!(!o.hung_in_the_lab());
+        o.exit_code = Some(143);
+        o.console
+            .push_str("[  243.142106] INFO: task vcpu0:191 blocked for more than 120 seconds.\n");
+        assert!(
+            o.hung_in_the_lab(),
+            "L1's KVM held a vCPU thread: the lab hung"
+        );
+        o.mode = Mode::Direct;
+        assert!(!o.hung_in_the_lab(), "no lab, no lab hang");
+        o.mode = Mode::Lab;
         o.exit_code = Some(3);
         o.console
             .push_str("blkswarm: guest fault on vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)\n");
