@@ -17,7 +17,8 @@
 #   durability: blkswarm.seed=N blkswarm.sectors=N (a multiple of 128)
 #   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
 #   multipath (S3): fio verify over the first NVMe multipath disk for blkswarm.runtime= s
-#                   (iodepth=), the paths' ANA and controller states once a second
+#                   (iodepth=), the paths' ANA and controller states once a second;
+#                   blkswarm.reset=PCI@S: the guest resets the controller at PCI S s in
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
 #                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
 #
@@ -55,6 +56,7 @@ SECTORS=2048
 IRQS=1
 WRITE_MB=256
 HUNG_SECS=10
+RESET_AT=
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -83,6 +85,7 @@ for w in $CMDLINE; do
         blkswarm.irqs=*) IRQS=${w#*=} ;;
         blkswarm.write_mb=*) WRITE_MB=${w#*=} ;;
         blkswarm.hung_secs=*) HUNG_SECS=${w#*=} ;;
+        blkswarm.reset=*) RESET_AT=${w#*=} ;;
     esac
 done
 
@@ -656,6 +659,20 @@ mp_nvme_cli() {
     done
 }
 
+# Resets (reset_controller in sysfs) the NVMe controller at PCI address $1; prints how long
+# the guest's reset took (the write returns when the controller is live again).
+mp_guest_reset() {
+    local c start
+    for c in /sys/class/nvme/nvme*; do
+        [ "$(cat "$c/address" 2>/dev/null)" = "$1" ] || continue
+        start=$(uptime_ms)
+        echo 1 >"$c/reset_controller" 2>/dev/null
+        out "mp_guest_reset=${c##*/} pci=$1 rc=$? took_ms=$(($(uptime_ms) - start)) state=$(cat "$c/state")"
+        return 0
+    done
+    out "error=no-controller-at-$1"
+}
+
 # S3 (../shared/SCENARIOS.md): fio writes and verifies (crc32c, checked every 128 writes)
 # on the first NVMe multipath disk while the host flips ANA states and fails controllers
 # through its control socket; the guest prints the topology before and after, its paths'
@@ -690,6 +707,10 @@ scenario_multipath() {
     while kill -0 "$fiopid" 2>/dev/null; do
         n=$((n + 1))
         out "mp_sample=$n t_ms=$(($(uptime_ms) - start)) $(mp_paths)"
+        if [ -n "$RESET_AT" ] && [ "$n" -gt "${RESET_AT#*@}" ]; then
+            mp_guest_reset "${RESET_AT%@*}"
+            RESET_AT=
+        fi
         sleep 1
     done
     wait "$fiopid"

@@ -146,6 +146,9 @@ impl GuestSpec {
 
     /// Appends words to the guest kernel command line.
     pub fn cmdline(mut self, extra: &str) -> Self {
+        if extra.trim().is_empty() {
+            return self;
+        }
         if !self.extra_cmdline.is_empty() {
             self.extra_cmdline.push(' ');
         }

@@ -2,9 +2,12 @@
 //! (an image file), with ANA. The guest builds one multipath disk over both paths and runs
 //! fio with crc32c verification on it while the host, through the control socket, makes
 //! the preferred path inaccessible, brings it back through the change state, then fails
-//! it (fatal status) so the guest resets it. fio must finish without an error; nvme-cli
-//! must show the topology and ANA states; the host's report must hold each event with the
-//! stall it caused and show the failed path serving again.
+//! it (fatal status) so the guest resets it; later the guest resets that controller itself
+//! (sysfs `reset_controller`). A second guest has the path held down past its I/O timeout,
+//! then the whole subsystem reset (NSSR) under I/O. fio must finish without an error;
+//! nvme-cli must show the topology and ANA states; the host's report must hold each event,
+//! the host's and the guest's resets, with the stall it caused and show the failed path
+//! serving again.
 
 use std::time::Duration;
 
@@ -15,12 +18,14 @@ const PATH_B: &str = "0000:00:02.0";
 
 /// fio verify over the multipath disk of a two-controller subsystem on a fresh image while
 /// `requests` go to the control socket (each after its delay in seconds).
-fn multipath_guest(name: &str, mode: Mode, requests: &[(u32, &str)]) -> GuestSpec {
+/// fio runs for 30 s; the requests start 4 s into it.
+fn multipath_guest(name: &str, mode: Mode, cmdline: &str, requests: &[(u32, &str)]) -> GuestSpec {
     let image = format!("{}/shared.img", scratch_dir(name, mode));
     let guest = GuestSpec::new("multipath", "multipath")
         .cpus(2, 2)
         .timeout(Duration::from_secs(240))
-        .cmdline("nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=24")
+        .cmdline("nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=30")
+        .cmdline(cmdline)
         .arg("--nvme")
         .arg(format!("path={image},controllers=2,max_ioqpairs=2"));
     let setup = format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null");
@@ -34,16 +39,26 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         a("ana group=1 state=optimized via_change_ms=1500"),
         a("fatal"),
     );
-    let (fail, restore) = (a("fail"), a("restore"));
+    let (fail, restore, reset) = (a("fail"), a("restore"), a("reset"));
     vec![
+        // Inaccessible at 4 s, optimized again at 9.5 s, fatal at 13 s (the guest resets A
+        // at its I/O timeout, about 18 s); the guest resets A itself after 21 s.
         multipath_guest(
             "multipath",
             mode,
+            &format!("blkswarm.reset={PATH_A}@21"),
             &[(0, &inaccessible), (4, &back), (5, &fatal)],
         ),
         // A path down for longer than the guest's I/O timeout: its reset waits for the
-        // controller to become ready (up to CAP.TO, 15 s), which it does at the restore.
-        multipath_guest("multipath_down", mode, &[(0, &fail), (9, &restore)]),
+        // controller to become ready (up to CAP.TO, 15 s), which it does at the restore
+        // (13 s). At 18 s the whole subsystem resets: both paths lose their commands until
+        // the guest's I/O timeout.
+        multipath_guest(
+            "multipath_down",
+            mode,
+            "",
+            &[(0, &fail), (9, &restore), (5, &reset)],
+        ),
     ]
 }
 
@@ -90,22 +105,14 @@ fn the_guest_builds_one_multipath_disk_over_both_controllers() {
     }
 }
 
-#[test]
-fn fio_verify_runs_clean_through_the_ana_flips_and_the_reset() {
-    let o = run();
+/// fio finished without an error, the guest logged a controller reset, and both paths
+/// ended optimized and live.
+fn assert_fio_clean_and_paths_back(o: &GuestOutcome) {
     o.expect_result("nvme_io_timeout", "5");
     o.expect_result("fio_rc", "0");
     o.expect_result("fio_errors", "0");
-    // The guest saw the inaccessible path while it lasted, and logged the reset.
-    let samples = o.get_all("mp_sample");
-    assert!(
-        samples.iter().any(|s| s.contains("=inaccessible/")),
-        "no sample saw the inaccessible path: {samples:#?}"
-    );
     let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
     assert!(resets >= 1, "the guest logged no controller reset");
-    assert!(!o.get_all("mp_kernel").is_empty(), "nothing logged");
-    // At the end both paths are back: optimized and live.
     let after = o.get("mp_paths_after").unwrap();
     assert!(
         words(after)
@@ -113,6 +120,63 @@ fn fio_verify_runs_clean_through_the_ana_flips_and_the_reset() {
             .all(|state| *state == "optimized/live"),
         "{after}"
     );
+}
+
+/// The report's path events made `by` the host or the guest, and the control socket's
+/// answers (none an error).
+fn path_events(o: &GuestOutcome, by: &str) -> Vec<serde_json::Value> {
+    let answers = o.get_all("ctl_answer");
+    assert!(
+        answers.iter().all(|a| !a.contains("\"error\"")),
+        "{answers:?}"
+    );
+    let events = o.report_json()["path_events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for event in &events {
+        assert!(event["subsystem_stall_ms"].as_f64().is_some(), "{event}");
+    }
+    events.into_iter().filter(|e| e["by"] == by).collect()
+}
+
+fn names(events: &[serde_json::Value]) -> Vec<&str> {
+    events.iter().filter_map(|e| e["event"].as_str()).collect()
+}
+
+/// `event: stall ms, back ms` for each event, for the test's output.
+fn stalls(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}: stall {} ms, back {} ms",
+                e["pci"].as_str().unwrap_or("?"),
+                e["event"].as_str().unwrap_or("?"),
+                e["subsystem_stall_ms"],
+                e["controller_back_ms"]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fio_verify_runs_clean_through_the_ana_flips_and_the_resets() {
+    let o = run();
+    assert_fio_clean_and_paths_back(o);
+    // The guest saw the inaccessible path while it lasted, and logged the reset.
+    let samples = o.get_all("mp_sample");
+    assert!(
+        samples.iter().any(|s| s.contains("=inaccessible/")),
+        "no sample saw the inaccessible path: {samples:#?}"
+    );
+    assert!(!o.get_all("mp_kernel").is_empty(), "nothing logged");
+    // The guest's own reset of A, under fio, brought it back live.
+    let reset = o.get("mp_guest_reset").expect("the guest reset A");
+    let fields = words(reset);
+    assert_eq!(fields.get("pci"), Some(&PATH_A), "{reset}");
+    assert_eq!(fields.get("rc"), Some(&"0"), "{reset}");
+    assert_eq!(fields.get("state"), Some(&"live"), "{reset}");
     // Both paths carried I/O (the host moved it off A, then A's reset moved it again).
     let per_path = o.get_all("mp_path_requests");
     assert_eq!(per_path.len(), 2, "{per_path:?}");
@@ -125,38 +189,40 @@ fn fio_verify_runs_clean_through_the_ana_flips_and_the_reset() {
 #[test]
 fn the_host_report_holds_each_event_and_its_stall() {
     let o = run();
-    let answers = o.get_all("ctl_answer");
-    assert_eq!(answers.len(), 3, "{answers:?}");
-    assert!(
-        answers.iter().all(|a| !a.contains("\"error\"")),
-        "{answers:?}"
-    );
-    let report = o.report_json();
-    let events = report["path_events"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(o.get_all("ctl_answer").len(), 3);
+    let host = path_events(o, "host");
     assert_eq!(
-        names,
+        names(&host),
         [
             "ana group=1 state=inaccessible",
             "ana group=1 state=change",
             "ana group=1 state=optimized",
             "fatal",
         ],
-        "{events:#?}"
+        "{host:#?}"
     );
-    for event in &events {
-        assert_eq!(event["pci"], PATH_A);
-        assert!(event["subsystem_stall_ms"].as_f64().is_some(), "{event}");
-    }
+    assert!(host.iter().all(|e| e["pci"] == PATH_A), "{host:#?}");
     // The failed controller was reset by the guest and served commands again.
-    let fatal = &events[3];
+    let fatal = &host[3];
     assert!(
         fatal["controller_back_ms"].as_f64().is_some(),
         "path A never came back: {fatal}"
     );
+    // The guest's resets of A: its recovery from the fatal status, then its own through
+    // sysfs; after each, A served again.
+    let guest = path_events(o, "guest");
+    let resets: Vec<_> = guest
+        .iter()
+        .filter(|e| e["pci"] == PATH_A && e["event"] == "reset")
+        .collect();
+    assert!(resets.len() >= 2, "{guest:#?}");
+    for reset in &resets {
+        assert!(
+            reset["controller_back_ms"].as_f64().is_some(),
+            "A did not serve after the guest's reset: {reset}"
+        );
+    }
+    let report = o.report_json();
     for disk in report["disks"].as_array().unwrap() {
         let controller = &disk["controller"];
         assert_eq!(controller["ana_states"], serde_json::json!(["optimized"]));
@@ -171,50 +237,39 @@ fn the_host_report_holds_each_event_and_its_stall() {
     assert_eq!(a["controller"]["fatal_errors"], 1);
     assert_eq!(a["controller"]["ana_changes"], 3);
     eprintln!(
-        "multipath: stalls (ms) {:?}; path A back after {} ms",
-        events
-            .iter()
-            .map(|e| (
-                e["event"].as_str().unwrap_or("?"),
-                e["subsystem_stall_ms"].as_f64()
-            ))
-            .collect::<Vec<_>>(),
-        fatal["controller_back_ms"]
+        "multipath: host {:#?}\nguest {:#?}",
+        stalls(&host),
+        stalls(&guest)
     );
 }
 
 #[test]
-fn a_path_held_down_past_the_io_timeout_comes_back_at_its_restore() {
+fn a_path_held_down_then_a_subsystem_reset_under_io() {
     let o = RUN.clean("multipath_down");
-    o.expect_result("fio_rc", "0");
-    o.expect_result("fio_errors", "0");
-    let resets: u64 = o.get("kernel_resets").unwrap().parse().unwrap();
-    assert!(resets >= 1, "the guest logged no controller reset");
-    let after = o.get("mp_paths_after").unwrap();
-    assert!(
-        words(after)
-            .values()
-            .all(|state| *state == "optimized/live"),
-        "{after}"
-    );
+    assert_fio_clean_and_paths_back(o);
     let answers = o.get_all("ctl_answer");
-    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers.len(), 3, "{answers:?}");
     assert!(answers[0].contains("\"held_down\":true"), "{answers:?}");
     assert!(answers[1].contains("\"held_down\":false"), "{answers:?}");
-    let report = o.report_json();
-    let events = report["path_events"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    assert_eq!(names, ["fail", "restore"], "{events:#?}");
-    assert!(
-        events[1]["controller_back_ms"].as_f64().is_some(),
-        "path A served nothing after its restore: {:#?}",
-        events[1]
+    let host = path_events(o, "host");
+    assert_eq!(
+        names(&host),
+        ["fail", "restore", "reset (subsystem, 2 controllers)"],
+        "{host:#?}"
     );
+    for event in &host[1..] {
+        assert!(
+            event["controller_back_ms"].as_f64().is_some(),
+            "path A served nothing after: {event}"
+        );
+    }
+    let report = o.report_json();
+    for disk in report["disks"].as_array().unwrap() {
+        assert_eq!(disk["controller"]["subsystem_resets"], 1, "{disk}");
+    }
     eprintln!(
-        "multipath_down: stall after fail {:?} ms, after restore {:?} ms; path A back {:?} ms after the restore",
-        events[0]["subsystem_stall_ms"], events[1]["subsystem_stall_ms"], events[1]["controller_back_ms"]
+        "multipath_down: host {:#?}\nguest {:#?}",
+        stalls(&host),
+        stalls(&path_events(o, "guest"))
     );
 }

@@ -15,7 +15,7 @@ use devices::nvme::ana::{AnaState, ANA_TRANSITION_TIME_SECS};
 use devices::nvme::pci::NvmePciFunction;
 use devices::nvme::NvmeController;
 
-use crate::path_events::PathEvents;
+use crate::path_events::{Origin, PathEvents};
 use crate::stats::{self, MeasuredDisk};
 
 /// A request line longer than this is refused.
@@ -78,7 +78,7 @@ fn change_controller<T>(
     let function = nvme_function(disks, pci)?;
     let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
     let result = change(function.controller_mut())?;
-    events.record(pci, event);
+    events.record(pci, Origin::Host, event);
     Ok(result)
 }
 
@@ -152,18 +152,17 @@ fn controller_request<'a>(
             if members.is_empty() {
                 members.push(pci.to_string());
             }
+            // One event for the subsystem: a second would close the first at once.
             for member in &members {
-                let event = if member == pci {
-                    "reset".to_string()
-                } else {
-                    format!("reset (subsystem reset from {pci})")
-                };
-                change_controller(disks, events, member, event, |c| {
-                    c.subsystem_reset();
-                    Ok(())
-                })
-                .map_err(err)?;
+                let function = nvme_function(disks, member).map_err(err)?;
+                let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
+                function.controller_mut().subsystem_reset();
             }
+            let event = match members.len() {
+                1 => "reset".to_string(),
+                n => format!("reset (subsystem, {n} controllers)"),
+            };
+            events.record(pci, Origin::Host, event);
         }
         _ => {
             let group = group.ok_or("ana: give group=NSID")?;

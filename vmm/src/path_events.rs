@@ -1,12 +1,16 @@
-//! Host-side events on NVMe paths (ANA state changes, failed, restored and reset
-//! controllers, set through the control socket) and the I/O stall each caused.
+//! Host-side events on NVMe paths and the I/O stall each caused: what the host did through
+//! the control socket (ANA state changes, failed, restored and reset controllers) and the
+//! resets the guest made (its error recovery, or `reset_controller` in sysfs).
 //!
 //! A stall is measured on the event's subsystem (every controller sharing its namespaces):
 //! the longest interval, from the event until the next event on the subsystem or
 //! [`EVENT_WINDOW`], in which none of its queues published a completion (errors included:
 //! a path error the guest fails over on is progress). Under a steady load (fio) that is
 //! the pause the guest saw; an idle guest stalls the whole window, so read it with the
-//! in-flight series beside it. Also measured: how long the event's own controller took to
+//! in-flight series beside it. A guest reset is usually the consequence of a host event, so
+//! the two are measured side by side: a host event's window is closed by the next host
+//! event on the subsystem, a guest reset's by the next guest reset of the same controller.
+//! Also measured: how long the event's own controller took to
 //! complete a command again ("path back"). Resolution: the in-flight sampler's interval.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,9 +51,20 @@ impl Controller {
     }
 }
 
+/// Who made an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Through the control socket.
+    Host,
+    /// A register write of the guest's driver.
+    Guest,
+}
+
 /// One event and what has been measured of it so far.
 struct Event {
     at_ns: u64,
+    by: Origin,
     subsystem: usize,
     controller: usize,
     what: String,
@@ -70,7 +85,9 @@ pub struct PathEventReport {
     pub at_ms: f64,
     pub pci: String,
     pub subsystem: String,
-    /// `ana group=1 state=inaccessible`, `fatal`, `fail`, `restore`, `reset`.
+    pub by: Origin,
+    /// Host: `ana group=1 state=inaccessible`, `fatal`, `fail`, `restore`, `reset`
+    /// (subsystem). Guest: `reset` (CC.EN 1 -> 0), `subsystem reset` (NSSR).
     pub event: String,
     /// Longest interval without a completion on the subsystem after the event (see the
     /// module documentation), so far if the window is still open.
@@ -143,25 +160,31 @@ impl PathEvents {
             .unwrap_or_default()
     }
 
-    /// Records `what` happening to the controller at `pci` now; closes the measurement of
-    /// earlier events on its subsystem. Unknown addresses are ignored.
-    pub fn record(&self, pci: &str, what: String) {
-        self.record_at(pci, what, now_ns());
+    /// Records `what`, made `by` the host or the guest, happening to the controller at
+    /// `pci` now; closes the measurement of the earlier events it supersedes (see the module
+    /// documentation). Unknown addresses are ignored.
+    pub fn record(&self, pci: &str, by: Origin, what: String) {
+        self.record_at(pci, by, what, now_ns());
     }
 
-    fn record_at(&self, pci: &str, what: String, at_ns: u64) {
+    fn record_at(&self, pci: &str, by: Origin, what: String, at_ns: u64) {
         let Some((subsystem, controller)) = self.find(pci) else {
             return;
         };
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         for event in events.iter_mut() {
-            if event.open && event.subsystem == subsystem {
+            let superseded = match by {
+                Origin::Host => event.subsystem == subsystem,
+                Origin::Guest => event.subsystem == subsystem && event.controller == controller,
+            };
+            if event.open && event.by == by && superseded {
                 close(event, at_ns);
             }
         }
         let subsystem_ref = &self.subsystems[subsystem];
         events.push(Event {
             at_ns,
+            by,
             subsystem,
             controller,
             what,
@@ -222,6 +245,7 @@ impl PathEvents {
                         .address
                         .clone(),
                     subsystem: self.subsystems[event.subsystem].nqn.clone(),
+                    by: event.by,
                     event: event.what.clone(),
                     subsystem_stall_ms: milliseconds(event.longest_quiet_ns.max(ongoing)),
                     controller_back_ms: event.controller_back_ns.map(milliseconds),
@@ -278,7 +302,7 @@ mod tests {
     fn stall_is_the_longest_quiet_interval_and_the_path_comes_back() {
         let (events, queues) = two_controller_subsystem();
         let ms = 1_000_000;
-        events.record_at("0000:00:01.0", "fatal".into(), 1000 * ms);
+        events.record_at("0000:00:01.0", Origin::Host, "fatal".into(), 1000 * ms);
         // The other path goes on for 20 ms, then nothing completes for 300 ms.
         complete(&queues[1]);
         events.tick_at(1010 * ms);
@@ -293,6 +317,7 @@ mod tests {
         // The next event closes this one: 80 ms quiet before it, less than the 300.
         events.record_at(
             "0000:00:02.0",
+            Origin::Host,
             "ana group=1 state=inaccessible".into(),
             1400 * ms,
         );
@@ -307,9 +332,9 @@ mod tests {
     #[test]
     fn unknown_controllers_are_ignored_and_windows_close() {
         let (events, _) = two_controller_subsystem();
-        events.record_at("0000:00:09.0", "fatal".into(), 5);
+        events.record_at("0000:00:09.0", Origin::Host, "fatal".into(), 5);
         assert!(events.report().is_empty());
-        events.record_at("0000:00:01.0", "reset".into(), 0);
+        events.record_at("0000:00:01.0", Origin::Host, "reset".into(), 0);
         events.tick_at(EVENT_WINDOW_NS + 1);
         let report = &events.report()[0];
         assert!(!report.open);
@@ -319,5 +344,33 @@ mod tests {
             ["0000:00:01.0", "0000:00:02.0"]
         );
         assert!(events.subsystem_of("0000:00:09.0").is_empty());
+    }
+
+    #[test]
+    fn guest_resets_are_measured_beside_the_host_event_that_caused_them() {
+        let (events, queues) = two_controller_subsystem();
+        let ms = 1_000_000;
+        let (a, b) = ("0000:00:01.0", "0000:00:02.0");
+        events.record_at(a, Origin::Host, "reset".into(), 0);
+        // The guest notices at its command timeout and resets both controllers.
+        events.record_at(a, Origin::Guest, "reset".into(), 5000 * ms);
+        events.record_at(b, Origin::Guest, "reset".into(), 5001 * ms);
+        complete(&queues[1]);
+        events.tick_at(5100 * ms);
+        complete(&queues[0]);
+        events.tick_at(5200 * ms);
+        let report = events.report();
+        assert!(report.iter().all(|event| event.open), "{report:#?}");
+        assert_eq!(report[0].controller_back_ms, Some(5200.0));
+        assert_eq!(report[1].controller_back_ms, Some(200.0));
+        assert_eq!(report[2].controller_back_ms, Some(99.0), "B's own reset");
+        // Another guest reset of A closes A's earlier one only.
+        events.record_at(a, Origin::Guest, "reset".into(), 6000 * ms);
+        let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
+        assert_eq!(open, [true, false, true, true]);
+        // A host event closes the host event only.
+        events.record_at(b, Origin::Host, "fatal".into(), 7000 * ms);
+        let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
+        assert_eq!(open, [false, false, true, true, true]);
     }
 }

@@ -2,10 +2,11 @@
 
 use std::io::Write;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use devices::legacy::{power, serial, AcpiPowerDevice, PowerEvent, SerialConsole};
+use devices::nvme::GuestReset;
 use devices::Bus;
 use irq::{GsiRouter, IrqLine};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
@@ -19,7 +20,7 @@ use crate::config::VmConfig;
 use crate::cpuid::{self, VcpuIdentity};
 use crate::disks::{self, DiskError};
 use crate::layout;
-use crate::path_events::PathEvents;
+use crate::path_events::{Origin, PathEvents};
 use crate::pci::{self, PciError, PciSegment};
 use crate::report;
 use crate::vcpu::{self, VcpuActivity, VcpuContext, VcpuError};
@@ -345,6 +346,7 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     let probe_monitor = report::spawn_probe_monitor(disks.functions.clone(), activity.clone())
         .map_err(VmError::Thread)?;
     let path_events = Arc::new(PathEvents::new(&measured));
+    observe_guest_resets(&measured, &path_events);
     let sampler = stats::InFlightSampler::spawn(
         measured
             .iter()
@@ -422,6 +424,28 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
 
 /// The measurement report at exit: a short summary on stderr, and with `--report DIR` the
 /// JSON and its plots (their paths on `@@vmm report_*` lines).
+/// Every reset a guest makes of an NVMe controller becomes a path event.
+fn observe_guest_resets(measured: &[stats::MeasuredDisk], path_events: &Arc<PathEvents>) {
+    for disk in measured {
+        let Some(function) = &disk.nvme else {
+            continue;
+        };
+        let (events, pci) = (path_events.clone(), disk.address.to_string());
+        let observer = move |reset: GuestReset| {
+            let what = match reset {
+                GuestReset::Controller => "reset",
+                GuestReset::Subsystem => "subsystem reset",
+            };
+            events.record(&pci, Origin::Guest, what.to_string());
+        };
+        function
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .controller_mut()
+            .observe_guest_resets(Box::new(observer));
+    }
+}
+
 fn write_measurement_report(
     measured: &[stats::MeasuredDisk],
     config: &VmConfig,

@@ -395,6 +395,19 @@ pub struct NvmeCounters {
     pub ana_changes: u64,
 }
 
+/// A reset the guest made, told to the VMM as it happens (it records path events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestReset {
+    /// CC.EN 1 -> 0: a Controller Level Reset (Linux: error recovery, `reset_controller`).
+    Controller,
+    /// NSSR written with "NVMe".
+    Subsystem,
+}
+
+/// Called with each [`GuestReset`], from the vCPU thread that wrote the register, with the
+/// controller locked: it must not take the controller's lock.
+pub type GuestResetObserver = Box<dyn Fn(GuestReset) + Send>;
+
 /// An I/O SQ: the state shared with its handler, its CQ, and its place in the pool.
 struct IoSubmissionQueueSlot {
     shared: Arc<IoSubmissionQueueShared>,
@@ -427,6 +440,7 @@ pub struct NvmeController {
     io_queue_latency: Vec<Arc<QueueLatency>>,
     /// Failed by the host ([`Self::fail`]): enabling does not make it ready.
     held_down: bool,
+    guest_reset_observer: Option<GuestResetObserver>,
 }
 
 impl NvmeController {
@@ -472,6 +486,7 @@ impl NvmeController {
             doorbell_buffers: None,
             io_queue_latency: (0..slots).map(|_| Arc::new(QueueLatency::new())).collect(),
             held_down: false,
+            guest_reset_observer: None,
             config,
             memory,
             pool,
@@ -481,6 +496,18 @@ impl NvmeController {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.config
+    }
+
+    /// Tells `observer` of every reset the guest makes from now on (not of those the host
+    /// forces through [`Self::subsystem_reset`]).
+    pub fn observe_guest_resets(&mut self, observer: GuestResetObserver) {
+        self.guest_reset_observer = Some(observer);
+    }
+
+    fn guest_reset(&self, reset: GuestReset) {
+        if let Some(observer) = &self.guest_reset_observer {
+            observer(reset);
+        }
     }
 
     pub fn counters(&self) -> NvmeCounters {
@@ -571,7 +598,10 @@ impl NvmeController {
                 self.doorbell(doorbell, value);
                 self.signal_admin_completions();
             }
-            Some(RegisterWrite::SubsystemReset) => self.subsystem_reset(),
+            Some(RegisterWrite::SubsystemReset) => {
+                self.subsystem_reset();
+                self.guest_reset(GuestReset::Subsystem);
+            }
         }
     }
 
@@ -671,6 +701,7 @@ impl NvmeController {
         let enabled = new & registers::CC_EN != 0;
         if was_enabled && !enabled {
             self.reset();
+            self.guest_reset(GuestReset::Controller);
         } else if !was_enabled && enabled {
             self.enable();
         }

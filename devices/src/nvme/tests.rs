@@ -688,6 +688,34 @@ fn reset_with_io_queues_created() {
 }
 
 #[test]
+fn the_observer_hears_of_resets_the_guest_makes_and_only_those() {
+    use std::sync::{Arc, Mutex};
+
+    use super::GuestReset;
+
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let mut driver = TestDriver::new(config());
+    let sink = heard.clone();
+    driver
+        .controller
+        .observe_guest_resets(Box::new(move |reset| sink.lock().unwrap().push(reset)));
+    // Bring-up clears CC.EN that was never set (Linux does): not a reset.
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    driver.disable();
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    driver.write32(REG_NSSR, NSSR_RESET_VALUE);
+    // Forced by the host: the VMM records those itself.
+    driver.controller.subsystem_reset();
+    assert_eq!(
+        *heard.lock().unwrap(),
+        [GuestReset::Controller, GuestReset::Subsystem]
+    );
+    assert_eq!(driver.controller.counters().resets, 3);
+}
+
+#[test]
 fn shutdown_notification() {
     let mut driver = enabled(config());
     driver.write32(REG_CC, TestDriver::enabled_cc() | 1 << CC_SHN_SHIFT);
