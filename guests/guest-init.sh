@@ -18,7 +18,8 @@
 #   disk-info: blkswarm.irqs=0 (no per-vector irq= lines)
 #   multipath (S3): fio verify over the first NVMe multipath disk for blkswarm.runtime= s
 #                   (iodepth=), the paths' ANA and controller states once a second;
-#                   blkswarm.reset=PCI@S: the guest resets the controller at PCI S s in
+#                   blkswarm.reset=PCI@S: the guest resets the controller at PCI S s in;
+#                   blkswarm.rate_iops=N caps fio's writes (0: as fast as it can)
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
 #                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
 #
@@ -57,6 +58,7 @@ IRQS=1
 WRITE_MB=256
 HUNG_SECS=10
 RESET_AT=
+FIO_RATE_IOPS=0
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -86,6 +88,7 @@ for w in $CMDLINE; do
         blkswarm.write_mb=*) WRITE_MB=${w#*=} ;;
         blkswarm.hung_secs=*) HUNG_SECS=${w#*=} ;;
         blkswarm.reset=*) RESET_AT=${w#*=} ;;
+        blkswarm.rate_iops=*) FIO_RATE_IOPS=${w#*=} ;;
     esac
 done
 
@@ -701,7 +704,8 @@ scenario_multipath() {
     start=$(uptime_ms)
     fio --name=multipath "--filename=/dev/$disk" --rw=randwrite --bs=4k "--iodepth=$FIO_QD" \
         --ioengine=libaio --direct=1 --size=16m --time_based "--runtime=${FIO_RUNTIME:-20}" \
-        --verify=crc32c --verify_backlog=128 --verify_fatal=1 --verify_state_save=0 \
+        "--rate_iops=$FIO_RATE_IOPS" --verify=crc32c --verify_backlog=128 --verify_fatal=1 \
+        --verify_state_save=0 \
         --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
     fiopid=$!
     while kill -0 "$fiopid" 2>/dev/null; do

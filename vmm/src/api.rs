@@ -67,18 +67,23 @@ fn nvme_function<'a>(
         .ok_or_else(|| format!("{pci} is not an NVMe controller"))
 }
 
-/// Runs `change` on the controller at `pci` and records `event` for it.
+/// Runs `change` on the controller at `pci` and records `event` for it (as taking it down
+/// with `down`: see [`PathEvents::record_down`]).
 fn change_controller<T>(
     disks: &[MeasuredDisk],
     events: &PathEvents,
     pci: &str,
-    event: String,
+    (event, down): (String, bool),
     change: impl FnOnce(&mut NvmeController) -> Result<T, String>,
 ) -> Result<T, String> {
     let function = nvme_function(disks, pci)?;
     let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
     let result = change(function.controller_mut())?;
-    events.record(pci, Origin::Host, event);
+    if down {
+        events.record_down(pci, event);
+    } else {
+        events.record(pci, Origin::Host, event);
+    }
     Ok(result)
 }
 
@@ -129,23 +134,23 @@ fn controller_request<'a>(
     let events = &state.path_events;
     let err = |e: String| format!("{request}: {e}");
     match request {
-        "fatal" => change_controller(disks, events, pci, "fatal".into(), |c| {
+        "fatal" => change_controller(disks, events, pci, ("fatal".into(), true), |c| {
             c.fatal_error();
             Ok(())
         })
         .map_err(err)?,
-        "fail" => change_controller(disks, events, pci, "fail".into(), |c| {
+        "fail" => change_controller(disks, events, pci, ("fail".into(), true), |c| {
             c.fail();
             Ok(())
         })
         .map_err(err)?,
-        "restore" => {
-            let held = change_controller(disks, events, pci, "restore".into(), |c| Ok(c.restore()))
-                .map_err(err)?;
-            if !held {
-                return Err(format!("restore: {pci} was not failed"));
-            }
-        }
+        // Not an event unless the controller was failed.
+        "restore" => change_controller(disks, events, pci, ("restore".into(), false), |c| {
+            c.restore()
+                .then_some(())
+                .ok_or_else(|| format!("{pci} was not failed"))
+        })
+        .map_err(err)?,
         "reset" => {
             nvme_function(disks, pci).map_err(err)?;
             let mut members = events.subsystem_of(pci);
@@ -172,7 +177,7 @@ fn controller_request<'a>(
                     disks,
                     events,
                     pci,
-                    format!("ana group={group} state={}", target.name()),
+                    (format!("ana group={group} state={}", target.name()), false),
                     |c| c.set_ana_state(group, target),
                 )
                 .map_err(err)
@@ -196,6 +201,7 @@ fn controller_request<'a>(
                         .spawn(move || {
                             std::thread::sleep(Duration::from_millis(u64::from(ms)));
                             let event = format!("ana group={group} state={}", target.name());
+                            let event = (event, false);
                             if let Err(e) = change_controller(&disks, &events, &pci, event, |c| {
                                 c.set_ana_state(group, target)
                             }) {

@@ -13,6 +13,7 @@
 //! Also measured: how long the event's own controller took to
 //! complete a command again ("path back"). Resolution: the in-flight sampler's interval.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::latency::{now_ns, QueueLatency};
@@ -23,6 +24,10 @@ use crate::stats::MeasuredDisk;
 /// How long after an event its stall is looked for, unless another event on the same
 /// subsystem comes first.
 pub const EVENT_WINDOW_NS: u64 = 30_000_000_000;
+
+/// Events kept; later ones are only counted. A guest that resets its controllers in a loop
+/// must not grow the VMM's memory, nor the vCPU's time spent recording, without bound.
+pub const MAX_EVENTS: usize = 1024;
 
 /// One controller: its PCI address and I/O queues.
 struct Controller {
@@ -61,6 +66,16 @@ pub enum Origin {
     Guest,
 }
 
+impl Origin {
+    /// As in the JSON report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Host => "host",
+            Origin::Guest => "guest",
+        }
+    }
+}
+
 /// One event and what has been measured of it so far.
 struct Event {
     at_ns: u64,
@@ -76,6 +91,9 @@ struct Event {
     quiet_since_ns: u64,
     longest_quiet_ns: u64,
     controller_back_ns: Option<u64>,
+    /// The controller was failed: commands it had fetched may still complete, so it is
+    /// back only with a completion after the guest's reset of it.
+    back_after_guest_reset: bool,
 }
 
 /// An event as the report shows it.
@@ -102,6 +120,8 @@ pub struct PathEventReport {
 pub struct PathEvents {
     subsystems: Vec<Subsystem>,
     events: Mutex<Vec<Event>>,
+    /// Events past [`MAX_EVENTS`].
+    not_recorded: AtomicU64,
 }
 
 fn milliseconds(nanoseconds: u64) -> f64 {
@@ -131,6 +151,7 @@ impl PathEvents {
         PathEvents {
             subsystems,
             events: Mutex::new(Vec::new()),
+            not_recorded: AtomicU64::new(0),
         }
     }
 
@@ -164,15 +185,43 @@ impl PathEvents {
     /// `pci` now; closes the measurement of the earlier events it supersedes (see the module
     /// documentation). Unknown addresses are ignored.
     pub fn record(&self, pci: &str, by: Origin, what: String) {
-        self.record_at(pci, by, what, now_ns());
+        self.record_at(pci, by, what, now_ns(), false);
     }
 
-    fn record_at(&self, pci: &str, by: Origin, what: String, at_ns: u64) {
+    /// Records `what` the host did to take the controller at `pci` down (a fatal status):
+    /// it counts as back at its first completion after the guest has reset it, not at the
+    /// completion of a command it had fetched before.
+    pub fn record_down(&self, pci: &str, what: String) {
+        self.record_at(pci, Origin::Host, what, now_ns(), true);
+    }
+
+    fn record_at(
+        &self,
+        pci: &str,
+        by: Origin,
+        what: String,
+        at_ns: u64,
+        back_after_guest_reset: bool,
+    ) {
         let Some((subsystem, controller)) = self.find(pci) else {
             return;
         };
         let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if events.len() >= MAX_EVENTS {
+            self.not_recorded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let subsystem_ref = &self.subsystems[subsystem];
+        let controller_completions = subsystem_ref.controllers[controller].completions();
         for event in events.iter_mut() {
+            if by == Origin::Guest
+                && event.back_after_guest_reset
+                && event.subsystem == subsystem
+                && event.controller == controller
+            {
+                event.back_after_guest_reset = false;
+                event.controller_completions = controller_completions;
+            }
             let superseded = match by {
                 Origin::Host => event.subsystem == subsystem,
                 Origin::Guest => event.subsystem == subsystem && event.controller == controller,
@@ -181,7 +230,6 @@ impl PathEvents {
                 close(event, at_ns);
             }
         }
-        let subsystem_ref = &self.subsystems[subsystem];
         events.push(Event {
             at_ns,
             by,
@@ -191,10 +239,11 @@ impl PathEvents {
             window_end_ns: at_ns.saturating_add(EVENT_WINDOW_NS),
             open: true,
             subsystem_completions: subsystem_ref.completions(),
-            controller_completions: subsystem_ref.controllers[controller].completions(),
+            controller_completions,
             quiet_since_ns: at_ns,
             longest_quiet_ns: 0,
             controller_back_ns: None,
+            back_after_guest_reset,
         });
     }
 
@@ -216,6 +265,7 @@ impl PathEvents {
                 event.quiet_since_ns = now;
             }
             if event.controller_back_ns.is_none()
+                && !event.back_after_guest_reset
                 && subsystem.controllers[event.controller].completions()
                     != event.controller_completions
             {
@@ -225,6 +275,11 @@ impl PathEvents {
                 close(event, event.window_end_ns);
             }
         }
+    }
+
+    /// Events that came after [`MAX_EVENTS`] had been recorded.
+    pub fn not_recorded(&self) -> u64 {
+        self.not_recorded.load(Ordering::Relaxed)
     }
 
     /// Every event so far, in order.
@@ -286,6 +341,7 @@ mod tests {
                 ],
             }],
             events: Mutex::new(Vec::new()),
+            not_recorded: AtomicU64::new(0),
         };
         (events, queues)
     }
@@ -302,7 +358,13 @@ mod tests {
     fn stall_is_the_longest_quiet_interval_and_the_path_comes_back() {
         let (events, queues) = two_controller_subsystem();
         let ms = 1_000_000;
-        events.record_at("0000:00:01.0", Origin::Host, "fatal".into(), 1000 * ms);
+        events.record_at(
+            "0000:00:01.0",
+            Origin::Host,
+            "fatal".into(),
+            1000 * ms,
+            false,
+        );
         // The other path goes on for 20 ms, then nothing completes for 300 ms.
         complete(&queues[1]);
         events.tick_at(1010 * ms);
@@ -320,6 +382,7 @@ mod tests {
             Origin::Host,
             "ana group=1 state=inaccessible".into(),
             1400 * ms,
+            false,
         );
         let report = events.report();
         assert!(!report[0].open);
@@ -332,9 +395,9 @@ mod tests {
     #[test]
     fn unknown_controllers_are_ignored_and_windows_close() {
         let (events, _) = two_controller_subsystem();
-        events.record_at("0000:00:09.0", Origin::Host, "fatal".into(), 5);
+        events.record_at("0000:00:09.0", Origin::Host, "fatal".into(), 5, false);
         assert!(events.report().is_empty());
-        events.record_at("0000:00:01.0", Origin::Host, "reset".into(), 0);
+        events.record_at("0000:00:01.0", Origin::Host, "reset".into(), 0, false);
         events.tick_at(EVENT_WINDOW_NS + 1);
         let report = &events.report()[0];
         assert!(!report.open);
@@ -351,10 +414,10 @@ mod tests {
         let (events, queues) = two_controller_subsystem();
         let ms = 1_000_000;
         let (a, b) = ("0000:00:01.0", "0000:00:02.0");
-        events.record_at(a, Origin::Host, "reset".into(), 0);
+        events.record_at(a, Origin::Host, "reset".into(), 0, false);
         // The guest notices at its command timeout and resets both controllers.
-        events.record_at(a, Origin::Guest, "reset".into(), 5000 * ms);
-        events.record_at(b, Origin::Guest, "reset".into(), 5001 * ms);
+        events.record_at(a, Origin::Guest, "reset".into(), 5000 * ms, false);
+        events.record_at(b, Origin::Guest, "reset".into(), 5001 * ms, false);
         complete(&queues[1]);
         events.tick_at(5100 * ms);
         complete(&queues[0]);
@@ -365,12 +428,52 @@ mod tests {
         assert_eq!(report[1].controller_back_ms, Some(200.0));
         assert_eq!(report[2].controller_back_ms, Some(99.0), "B's own reset");
         // Another guest reset of A closes A's earlier one only.
-        events.record_at(a, Origin::Guest, "reset".into(), 6000 * ms);
+        events.record_at(a, Origin::Guest, "reset".into(), 6000 * ms, false);
         let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
         assert_eq!(open, [true, false, true, true]);
         // A host event closes the host event only.
-        events.record_at(b, Origin::Host, "fatal".into(), 7000 * ms);
+        events.record_at(b, Origin::Host, "fatal".into(), 7000 * ms, false);
         let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
         assert_eq!(open, [false, false, true, true, true]);
+    }
+
+    #[test]
+    fn a_guest_resetting_in_a_loop_is_counted_past_the_cap_not_kept() {
+        let (events, _) = two_controller_subsystem();
+        for n in 0..MAX_EVENTS as u64 + 10 {
+            events.record_at(
+                "0000:00:01.0",
+                Origin::Guest,
+                "reset".into(),
+                n * 1_000,
+                false,
+            );
+        }
+        let report = events.report();
+        assert_eq!(report.len(), MAX_EVENTS);
+        assert_eq!(events.not_recorded(), 10);
+        // Each reset closed the one before it: only the last kept one is measured still.
+        assert_eq!(report.iter().filter(|event| event.open).count(), 1);
+    }
+
+    #[test]
+    fn a_failed_controller_is_back_only_after_the_guest_reset_it() {
+        let (events, queues) = two_controller_subsystem();
+        let ms = 1_000_000;
+        let a = "0000:00:01.0";
+        events.record_at(a, Origin::Host, "fatal".into(), 0, true);
+        // A command A had fetched before the fatal status completes: A is not back.
+        complete(&queues[0]);
+        events.tick_at(4 * ms);
+        assert_eq!(events.report()[0].controller_back_ms, None);
+        // The guest resets A at its I/O timeout; A serves again 60 ms later.
+        events.record_at(a, Origin::Guest, "reset".into(), 5000 * ms, false);
+        events.tick_at(5030 * ms);
+        assert_eq!(events.report()[0].controller_back_ms, None);
+        complete(&queues[0]);
+        events.tick_at(5060 * ms);
+        let report = events.report();
+        assert_eq!(report[0].controller_back_ms, Some(5060.0));
+        assert_eq!(report[1].controller_back_ms, Some(60.0));
     }
 }

@@ -196,6 +196,13 @@ pub struct Report {
     /// caused (see `path_events`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_events: Vec<PathEventReport>,
+    /// Path events past the number kept (`path_events::MAX_EVENTS`), only counted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub path_events_not_recorded: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// A controller's ANA state of each group, by name; empty without ANA.
@@ -361,6 +368,7 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool, path_events: &PathEvents) -
         interrupts_by_vcpu,
         disks: disk_reports,
         path_events: path_events.report(),
+        path_events_not_recorded: path_events.not_recorded(),
     }
 }
 
@@ -440,7 +448,35 @@ pub fn summary_lines(report: &Report) -> Vec<String> {
             .collect();
         lines.push(format!("@@vmm interrupts_by_vcpu {}", by_vcpu.join(" ")));
     }
+    let shown = report.path_events.len().min(SUMMARY_PATH_EVENTS);
+    for event in &report.path_events[..shown] {
+        lines.push(path_event_line(event));
+    }
+    let more = (report.path_events.len() - shown) as u64 + report.path_events_not_recorded;
+    if more > 0 {
+        lines.push(format!("@@vmm path_events_not_shown={more}"));
+    }
     lines
+}
+
+/// Path events printed in the summary; the JSON report has up to `path_events::MAX_EVENTS`.
+const SUMMARY_PATH_EVENTS: usize = 32;
+
+/// One path event for the summary: when, where, by whom, and the stall it caused.
+fn path_event_line(event: &PathEventReport) -> String {
+    let back = event
+        .controller_back_ms
+        .map_or_else(|| "none".to_string(), |ms| format!("{ms:.1}"));
+    format!(
+        "@@vmm path_event at_ms={:.1} pci={} by={} stall_ms={:.1} back_ms={} open={} event={}",
+        event.at_ms,
+        event.pci,
+        event.by.name(),
+        event.subsystem_stall_ms,
+        back,
+        u8::from(event.open),
+        event.event
+    )
 }
 
 #[cfg(test)]
@@ -547,5 +583,36 @@ mod tests {
         let cdf = std::fs::read_to_string(&files[0]).unwrap();
         assert!(cdf.contains("backend"), "one line per phase, labelled");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_summary_names_each_path_event_and_counts_the_rest() {
+        let mut report = collect(&[disk_with_requests(1)], true, &PathEvents::new(&[]));
+        let event = PathEventReport {
+            at_ms: 1500.5,
+            pci: "0000:00:01.0".into(),
+            subsystem: "nqn.test".into(),
+            by: crate::path_events::Origin::Guest,
+            event: "reset".into(),
+            subsystem_stall_ms: 5096.0,
+            controller_back_ms: None,
+            open: false,
+        };
+        report.path_events = vec![event; SUMMARY_PATH_EVENTS + 2];
+        report.path_events_not_recorded = 3;
+        let lines = summary_lines(&report);
+        let events: Vec<&String> = lines
+            .iter()
+            .filter(|line| line.starts_with("@@vmm path_event "))
+            .collect();
+        assert_eq!(events.len(), SUMMARY_PATH_EVENTS);
+        assert_eq!(
+            events[0],
+            "@@vmm path_event at_ms=1500.5 pci=0000:00:01.0 by=guest stall_ms=5096.0 back_ms=none open=0 event=reset"
+        );
+        assert_eq!(lines.last().unwrap(), "@@vmm path_events_not_shown=5");
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.path_events_not_recorded, 3);
     }
 }

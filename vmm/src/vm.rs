@@ -422,8 +422,6 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     Ok(exit)
 }
 
-/// The measurement report at exit: a short summary on stderr, and with `--report DIR` the
-/// JSON and its plots (their paths on `@@vmm report_*` lines).
 /// Every reset a guest makes of an NVMe controller becomes a path event.
 fn observe_guest_resets(measured: &[stats::MeasuredDisk], path_events: &Arc<PathEvents>) {
     for disk in measured {
@@ -446,6 +444,8 @@ fn observe_guest_resets(measured: &[stats::MeasuredDisk], path_events: &Arc<Path
     }
 }
 
+/// The measurement report at exit: a short summary on stderr, and with `--report DIR` the
+/// JSON and its plots (their paths on `@@vmm report_*` lines).
 fn write_measurement_report(
     measured: &[stats::MeasuredDisk],
     config: &VmConfig,
