@@ -692,6 +692,9 @@ scenario_multipath() {
         out "mp_subsys=${s##*/} nqn=$(cat "$s/subsysnqn") iopolicy=$(cat "$s/iopolicy" 2>/dev/null) controllers=$n"
     done
     n=0
+    # Linux logs the ANA states it reads ("ANA group 1: inaccessible.") at debug level only.
+    echo 'file multipath.c +p' >/proc/dynamic_debug/control 2>/dev/null ||
+        out "error=no-dynamic-debug"
     out "nvme_io_timeout=$(cat /sys/module/nvme_core/parameters/io_timeout 2>/dev/null)"
     out "mp_paths_before=$(mp_paths)"
     mp_nvme_cli before
@@ -723,7 +726,8 @@ scenario_multipath() {
     fio_report_dir read
     out "mp_paths_after=$(mp_paths)"
     mp_nvme_cli after
-    dmesg | grep 'nvme' | grep -i 'ana\|reset\|path\|fail\|timeout\|ready\|down' | head -n 30 |
+    dmesg | grep 'nvme' | grep -v -i 'command line' |
+        grep -i 'ana\|reset\|path\|fail\|timeout\|ready\|down' | head -n 40 |
         while read -r s; do out "mp_kernel=$(echo "$s" | cut -c1-200)"; done
     out "kernel_resets=$(dmesg | grep -c -i 'will reset\|reset controller\|resetting controller')"
     # Requests each path's block layer completed (reads, writes, discards, flushes).

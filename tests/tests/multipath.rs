@@ -7,7 +7,8 @@
 //! then the whole subsystem reset (NSSR) under I/O. fio must finish without an error;
 //! nvme-cli must show the topology and ANA states; the host's report must hold each event,
 //! the host's and the guest's resets, with the stall it caused and show the failed path
-//! serving again.
+//! serving again. A third guest sees a group left in the change state past its ANA
+//! transition time (ANATT 2 s) and resets the controller, as Linux does after 2 x ANATT.
 
 use std::time::Duration;
 
@@ -17,9 +18,14 @@ const PATH_A: &str = "0000:00:01.0";
 const PATH_B: &str = "0000:00:02.0";
 
 /// fio verify over the multipath disk of a two-controller subsystem on a fresh image while
-/// `requests` go to the control socket (each after its delay in seconds).
-/// fio runs for 30 s; the requests start 4 s into it.
-fn multipath_guest(name: &str, mode: Mode, cmdline: &str, requests: &[(u32, &str)]) -> GuestSpec {
+/// `requests` go to the control socket (each after its delay in seconds); `nvme_keys` are
+/// added to the controllers' option. fio runs for 30 s; the requests start 4 s into it.
+fn multipath_guest(
+    name: &str,
+    mode: Mode,
+    (cmdline, nvme_keys): (&str, &str),
+    requests: &[(u32, &str)],
+) -> GuestSpec {
     let image = format!("{}/shared.img", scratch_dir(name, mode));
     let guest = GuestSpec::new("multipath", "multipath")
         .cpus(2, 2)
@@ -33,7 +39,9 @@ fn multipath_guest(name: &str, mode: Mode, cmdline: &str, requests: &[(u32, &str
         )
         .cmdline(cmdline)
         .arg("--nvme")
-        .arg(format!("path={image},controllers=2,max_ioqpairs=2"));
+        .arg(format!(
+            "path={image},controllers=2,max_ioqpairs=2{nvme_keys}"
+        ));
     let setup = format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null");
     guest_with_ctl(name, mode, guest, &setup, requests)
 }
@@ -52,7 +60,7 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         multipath_guest(
             "multipath",
             mode,
-            &format!("blkswarm.reset={PATH_A}@21"),
+            (&format!("blkswarm.reset={PATH_A}@21"), ""),
             &[(0, &inaccessible), (4, &back), (5, &fatal)],
         ),
         // A path down for longer than the guest's I/O timeout: its reset waits for the
@@ -62,8 +70,20 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         multipath_guest(
             "multipath_down",
             mode,
-            "",
+            ("", ""),
             &[(0, &fail), (9, &restore), (5, &reset)],
+        ),
+        // A's group changing from 4 s to 11 s with ANATT 2 s: Linux arms a 2 x ANATT timer
+        // when it reads the change state and resets A when it fires (about 8 s), then finds
+        // the group still changing; at 11 s it is optimized again.
+        multipath_guest(
+            "multipath_anatt",
+            mode,
+            ("blkswarm.runtime=18", ",anatt=2"),
+            &[
+                (0, &a("ana group=1 state=change")),
+                (7, &a("ana group=1 state=optimized")),
+            ],
         ),
     ]
 }
@@ -176,7 +196,17 @@ fn fio_verify_runs_clean_through_the_ana_flips_and_the_resets() {
         samples.iter().any(|s| s.contains("=inaccessible/")),
         "no sample saw the inaccessible path: {samples:#?}"
     );
-    assert!(!o.get_all("mp_kernel").is_empty(), "nothing logged");
+    // The guest's kernel logged each ANA state it read from the controllers: A's
+    // inaccessible and change states, and optimized again.
+    let logged = o.get_all("mp_kernel");
+    for state in ["inaccessible", "change", "optimized"] {
+        let line = format!("ANA group 1: {state}.");
+        assert!(
+            logged.iter().any(|l| l.contains(&line)),
+            "the guest never logged {line:?}: {logged:#?}"
+        );
+    }
+    eprintln!("multipath: the guest logged {logged:#?}");
     // The guest's own reset of A, under fio, brought it back live.
     let reset = o.get("mp_guest_reset").expect("the guest reset A");
     let fields = words(reset);
@@ -277,5 +307,44 @@ fn a_path_held_down_then_a_subsystem_reset_under_io() {
         "multipath_down: host {:#?}\nguest {:#?}",
         stalls(&host),
         stalls(&path_events(o, "guest"))
+    );
+}
+
+#[test]
+fn a_group_changing_past_anatt_makes_the_guest_reset_the_controller() {
+    let o = RUN.clean("multipath_anatt");
+    assert_fio_clean_and_paths_back(o);
+    let logged = o.get_all("mp_kernel");
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("ANATT timeout, resetting controller")),
+        "the guest did not time out the transition: {logged:#?}"
+    );
+    let host = path_events(o, "host");
+    assert_eq!(
+        names(&host),
+        ["ana group=1 state=change", "ana group=1 state=optimized"],
+        "{host:#?}"
+    );
+    // The guest reset A while its group was changing (between the two host events).
+    let guest = path_events(o, "guest");
+    let (changed, optimized) = (host[0]["at_ms"].as_f64(), host[1]["at_ms"].as_f64());
+    assert!(
+        guest.iter().any(|e| e["pci"] == PATH_A
+            && e["event"] == "reset"
+            && e["at_ms"].as_f64() > changed
+            && e["at_ms"].as_f64() < optimized),
+        "no guest reset of A while it was changing: {guest:#?}"
+    );
+    assert!(
+        host[1]["controller_back_ms"].as_f64().is_some(),
+        "A served nothing once optimized: {:#?}",
+        host[1]
+    );
+    eprintln!(
+        "multipath_anatt: host {:#?}\nguest {:#?}\nthe guest logged {logged:#?}",
+        stalls(&host),
+        stalls(&guest)
     );
 }

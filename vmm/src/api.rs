@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use devices::io::FaultSettings;
-use devices::nvme::ana::{AnaState, ANA_TRANSITION_TIME_SECS};
+use devices::nvme::ana::AnaState;
 use devices::nvme::pci::NvmePciFunction;
 use devices::nvme::NvmeController;
 
@@ -96,7 +96,9 @@ fn change_controller<T>(
 ///   command timeout fires.
 /// - `ana pci=A group=G state=S [via_change_ms=N]`: A's ANA state of group G (the namespace
 ///   id) becomes S (optimized, non-optimized, inaccessible, persistent-loss, change); with
-///   via_change_ms it is in the change state for N ms first (at most ANATT).
+///   via_change_ms it is in the change state for N ms first (at most ANATT). `state=change`
+///   alone holds the group changing until the next request: past ANATT (Linux waits twice
+///   ANATT) the guest resets the controller.
 fn controller_request<'a>(
     state: &ApiState,
     request: &str,
@@ -187,7 +189,14 @@ fn controller_request<'a>(
                     set(target)?;
                 }
                 Some(ms) => {
-                    let limit_ms = u32::from(ANA_TRANSITION_TIME_SECS) * 1000;
+                    let anatt = nvme_function(disks, pci)
+                        .map_err(err)?
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .controller()
+                        .config()
+                        .ana_transition_time_secs;
+                    let limit_ms = u32::from(anatt) * 1000;
                     if ms > limit_ms {
                         return Err(format!(
                             "ana: via_change_ms={ms} is beyond ANATT ({limit_ms} ms): the guest \

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use devices::io::FaultSettings;
+use devices::nvme::ana::ANA_TRANSITION_TIME_SECS;
 
 /// Upper bound on vCPUs: the MADT uses xAPIC entries (8-bit APIC ids, 0xff is broadcast).
 pub const MAX_VCPUS: u32 = 254;
@@ -109,6 +110,8 @@ pub struct NvmeConfig {
     pub faults: Option<Arc<[(String, String)]>>,
     /// `controllers=N`: the option asked for N controllers of one subsystem.
     pub controllers: u16,
+    /// `anatt=S`: ANATT of a multi-controller subsystem, in seconds.
+    pub ana_transition_time_secs: u8,
     /// This controller's place in a multi-controller subsystem (set when the option is
     /// expanded into its controllers); None for a controller alone in its subsystem.
     pub subsystem: Option<SubsystemMember>,
@@ -247,6 +250,8 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                  controllers=N    N controllers (PCI functions) of one NVM subsystem
                                   sharing the namespaces, with ANA: the guest sees one
                                   multipath disk per namespace (default 1, at most 16)
+                 anatt=S          ANA transition time, 1..=255 s (default 10): the longest
+                                  ctl ana ... via_change_ms may hold the change state
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
   --report DIR           write the measurement report at exit: DIR/report.json (schema in
@@ -551,6 +556,7 @@ struct DiskKeys<'a> {
     mdts: u8,
     serial: Option<&'a str>,
     controllers: u16,
+    ana_transition_time_secs: u8,
     /// `fault_*` keys, without the prefix, checked.
     faults: Option<Arc<[(String, String)]>>,
 }
@@ -590,6 +596,7 @@ fn read_disk_keys<'a>(
         mdts: DEFAULT_NVME_MDTS,
         serial: None,
         controllers: 1,
+        ana_transition_time_secs: ANA_TRANSITION_TIME_SECS,
         faults: None,
     };
     let mut faults = Vec::new();
@@ -624,6 +631,7 @@ fn read_disk_keys<'a>(
                 keys.max_io_queue_pairs = number(1, u64::from(MAX_NVME_IO_QUEUE_PAIRS))? as u16
             }
             "mdts" if nvme => keys.mdts = number(0, u64::from(MAX_NVME_MDTS))? as u8,
+            "anatt" if nvme => keys.ana_transition_time_secs = number(1, 255)? as u8,
             "controllers" if nvme => {
                 keys.controllers = number(1, u64::from(MAX_NVME_CONTROLLERS_PER_SUBSYSTEM))? as u16
             }
@@ -704,6 +712,7 @@ impl DiskKeys<'_> {
             serial: self.serial.map(str::to_string),
             faults: self.faults.clone(),
             controllers: self.controllers,
+            ana_transition_time_secs: self.ana_transition_time_secs,
             subsystem: None,
         })
     }
@@ -1522,6 +1531,15 @@ mod tests {
         assert!(parse(&line).is_err(), "at most 16 controllers");
         line[3] = "path=/img,controllers=0";
         assert!(parse(&line).is_err());
+        for anatt in [
+            "backend=null,size=1G,anatt=0",
+            "backend=null,size=1G,anatt=256",
+        ] {
+            line[3] = anatt;
+            assert!(parse(&line).is_err(), "{anatt}");
+        }
+        let short = nvmes_of(&["--nvme", "backend=null,size=1G,controllers=2,anatt=2"]);
+        assert!(short.iter().all(|nvme| nvme.ana_transition_time_secs == 2));
         let too_many = format!("count={MAX_DISKS},backend=null,size=1G,controllers=2");
         assert!(matches!(
             parse(&["--kernel", "/k", "--nvmes", &too_many]),
@@ -1555,6 +1573,7 @@ mod tests {
                 serial: None,
                 faults: None,
                 controllers: 1,
+                ana_transition_time_secs: 10,
                 subsystem: None,
             }
         );

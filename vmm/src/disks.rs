@@ -159,6 +159,7 @@ fn nvme_controller_config(
         subsystem_nqn: member.map(|_| format!("nqn.2024-01.dev.blkswarm:subsys:{serial}")),
         multi_controller: member.is_some(),
         ana_reporting: member.is_some(),
+        ana_transition_time_secs: nvme.ana_transition_time_secs,
         serial,
         namespaces,
         ..ControllerConfig::default()

@@ -10,8 +10,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ana::{
-    AEC_ANA_CHANGE, ANA_CAPABILITIES, ANA_TRANSITION_TIME_SECS, LOG_ANA, LSP_RETURN_GROUPS_ONLY,
-    NOTICE_ANA_CHANGE,
+    AEC_ANA_CHANGE, ANA_CAPABILITIES, LOG_ANA, LSP_RETURN_GROUPS_ONLY, NOTICE_ANA_CHANGE,
 };
 use super::io_queue::{IoCompletionQueue, IoSubmissionQueueHandler, IoSubmissionQueueShared};
 use super::prp;
@@ -393,7 +392,7 @@ impl NvmeController {
         }
         if config.ana_reporting {
             let groups = self.namespace_count();
-            data.u8(342, ANA_TRANSITION_TIME_SECS);
+            data.u8(342, config.ana_transition_time_secs);
             data.u8(343, ANA_CAPABILITIES);
             data.u32(344, groups); // ANAGRPMAX
             data.u32(348, groups); // NANAGRPID

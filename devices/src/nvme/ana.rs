@@ -21,8 +21,8 @@ pub const AEC_ANA_CHANGE: u32 = 1 << 11;
 /// loss and change (bits 0-4); a namespace's group id does not change while it is attached
 /// (bit 6).
 pub const ANA_CAPABILITIES: u8 = 0b0101_1111;
-/// Identify Controller ANATT: the longest a group stays in the change state, in seconds.
-/// Linux resets a controller whose group is still changing after this long.
+/// Identify Controller ANATT by default: the longest a group stays in the change state, in
+/// seconds. Linux resets a controller whose group is still changing after twice this long.
 pub const ANA_TRANSITION_TIME_SECS: u8 = 10;
 
 const HEADER_BYTES: usize = 16;

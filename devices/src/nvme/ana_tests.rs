@@ -218,6 +218,14 @@ fn identify_controller_reports_a_multi_controller_ana_subsystem() {
     );
     assert_eq!(data[342], ANA_TRANSITION_TIME_SECS, "ANATT");
     assert_ne!(data[342], 0, "Linux needs a transition time");
+    let mut config = ana_config(5, two_null_namespaces());
+    config.ana_transition_time_secs = 2;
+    let mut short = enabled(config);
+    assert_eq!(
+        short.identify(CNS_CONTROLLER, 0).1[342],
+        2,
+        "ANATT as configured"
+    );
     assert_eq!(data[343], ANA_CAPABILITIES, "ANACAP");
     assert_eq!(data[343] & 0b1_1111, 0b1_1111, "every state is reported");
     assert_eq!(le32(&data, 344), 2, "ANAGRPMAX");

@@ -278,6 +278,9 @@ pub struct ControllerConfig {
     /// Asymmetric Namespace Access reporting (CMIC bit 3): one ANA group per namespace, each
     /// with this controller's state, the ANA log and ANA change events (see [`ana`]).
     pub ana_reporting: bool,
+    /// ANATT (with `ana_reporting`): the longest the host keeps a group in the change
+    /// state, in seconds, 1..=255.
+    pub ana_transition_time_secs: u8,
     /// Report a volatile write cache (Identify VWC): writes complete once in the backend
     /// (the host page cache for raw files) and Flush makes them durable. Without it, or when
     /// the host turns the cache off, every write is flushed before it completes.
@@ -301,6 +304,7 @@ impl Default for ControllerConfig {
             subsystem_nqn: None,
             multi_controller: false,
             ana_reporting: false,
+            ana_transition_time_secs: ana::ANA_TRANSITION_TIME_SECS,
             volatile_write_cache: true,
             namespaces: vec![NamespaceConfig::with_seed(
                 Arc::new(BlockBackend::null(1 << 30, None)),
