@@ -110,6 +110,9 @@ pub struct GuestSpec {
     pub command: Option<Vec<String>>,
     /// The custom command starts blkswarm itself: the lab must carry the binary.
     pub command_runs_vmm: bool,
+    /// Needs nothing that earlier guests of the plan made (images, files): after a lab
+    /// failure it may run again alone, without them.
+    pub self_contained: bool,
 }
 
 /// The part of the guest command line the harness always sets.
@@ -129,7 +132,14 @@ impl GuestSpec {
             timeout: Duration::from_secs(90),
             command: None,
             command_runs_vmm: false,
+            self_contained: false,
         }
+    }
+
+    /// Marks the guest as needing nothing earlier guests made (see `self_contained`).
+    pub fn self_contained(mut self) -> Self {
+        self.self_contained = true;
+        self
     }
 
     /// `--cpus boot=BOOT,max=MAX`.
@@ -801,10 +811,12 @@ impl Runner {
                 // guest does: a 12-second fio flood (tests/tests/writeback_starvation.rs)
                 // lost 6 of 14 L1 boots one way or the other, with kvm_amd vgif=0 or npt=0
                 // no better, and thread=single TCG never booted L2 at all.
-                // The whole plan runs again in a fresh L1 (later guests may need files
-                // earlier steps made there), up to LAB_ATTEMPTS boots in all; each such
-                // guest takes the outcome of the first boot where the lab held. A guest
-                // whose failure repeats on every boot is reported with its last outcome.
+                // The plan runs again in a fresh L1, up to LAB_ATTEMPTS boots in all: only
+                // the failed guests when each is self-contained (less I/O, so less for the
+                // lab to die of), else the whole plan (later guests may need files earlier
+                // steps made there). Each such guest takes the outcome of the first boot
+                // where the lab held; one whose failure repeats on every boot is reported
+                // with its last outcome.
                 let is_flaky = |o: &GuestOutcome| {
                     o.lost_with_the_lab() || o.triple_faulted() || o.hung_in_the_lab()
                 };
@@ -818,12 +830,24 @@ impl Runner {
                     }
                     let names: Vec<&str> =
                         flaky.iter().map(|&i| outcomes[i].name.as_str()).collect();
+                    let alone = flaky.iter().all(|&i| specs[i].self_contained);
+                    let rerun: Vec<usize> = if alone {
+                        flaky.clone()
+                    } else {
+                        (0..specs.len()).collect()
+                    };
                     eprintln!(
                         "harness: lab failure (L1 died or hung, or L2 triple fault) in {names:?}; \
-                         running the plan again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})"
+                         running {} again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})",
+                        if alone { "them" } else { "the plan" }
                     );
-                    let (mut retried, _) = lab::run(&cfg, specs)?;
+                    let subset: Vec<GuestSpec> = rerun.iter().map(|&i| specs[i].clone()).collect();
+                    let (mut retried, _) = lab::run(&cfg, &subset)?;
                     for i in flaky {
+                        let j = rerun
+                            .iter()
+                            .position(|&k| k == i)
+                            .expect("every failed guest runs again");
                         // One line: the console tail of a lost guest holds lines of
                         // other guests, which must not pass for this one's.
                         history[i].push(
@@ -835,7 +859,7 @@ impl Runner {
                                 .to_string(),
                         );
                         outcomes[i] = std::mem::replace(
-                            &mut retried[i],
+                            &mut retried[j],
                             GuestOutcome::new(&specs[i].name, Mode::Lab),
                         );
                     }

@@ -21,6 +21,7 @@ fn fault_io(name: &str, option: &str, disk: &str) -> GuestSpec {
         .timeout(Duration::from_secs(120))
         .arg(option)
         .arg(format!("{disk},fault_error_sectors={BAD_SECTORS}"))
+        .self_contained()
 }
 
 /// fio on an NVMe controller (the guest times I/O out after 5 s); once it runs, `requests`
@@ -39,7 +40,7 @@ fn nvme_fio_then_ctl(name: &str, mode: Mode, requests: &[&str]) -> GuestSpec {
         .zip(requests)
         .map(|(index, request)| (u32::from(index > 0), *request))
         .collect();
-    guest_with_ctl(name, mode, guest, "", &requests)
+    guest_with_ctl(name, mode, guest, "", &requests).self_contained()
 }
 
 fn specs(mode: Mode) -> Vec<GuestSpec> {

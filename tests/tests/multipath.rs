@@ -8,7 +8,8 @@
 //! nvme-cli must show the topology and ANA states; the host's report must hold each event,
 //! the host's and the guest's resets, with the stall it caused and show the failed path
 //! serving again. A third guest sees a group left in the change state past its ANA
-//! transition time (ANATT 2 s) and resets the controller, as Linux does after 2 x ANATT.
+//! transition time (ANATT 2 s) and resets the controller, as Linux does after 2 x ANATT,
+//! then the other path non-optimized and in persistent loss.
 
 use std::time::Duration;
 
@@ -43,11 +44,13 @@ fn multipath_guest(
             "path={image},controllers=2,max_ioqpairs=2{nvme_keys}"
         ));
     let setup = format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null");
-    guest_with_ctl(name, mode, guest, &setup, requests)
+    // Its setup makes the image it uses: it may run again alone after a lab failure.
+    guest_with_ctl(name, mode, guest, &setup, requests).self_contained()
 }
 
 fn specs(mode: Mode) -> Vec<GuestSpec> {
     let a = |request: &str| format!("{request} pci={PATH_A}");
+    let b = |request: &str| format!("{request} pci={PATH_B}");
     let (inaccessible, back, fatal) = (
         a("ana group=1 state=inaccessible"),
         a("ana group=1 state=optimized via_change_ms=1500"),
@@ -75,14 +78,19 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         ),
         // A's group changing from 4 s to 11 s with ANATT 2 s: Linux arms a 2 x ANATT timer
         // when it reads the change state and resets A when it fires (about 8 s), then finds
-        // the group still changing; at 11 s it is optimized again.
+        // the group still changing; at 11 s it is optimized again. Then B goes through the
+        // two states no other guest sees: non-optimized (13 s), persistent loss (15 s), and
+        // back to optimized (17 s).
         multipath_guest(
             "multipath_anatt",
             mode,
-            ("blkswarm.runtime=18", ",anatt=2"),
+            ("blkswarm.runtime=24", ",anatt=2"),
             &[
                 (0, &a("ana group=1 state=change")),
                 (7, &a("ana group=1 state=optimized")),
+                (2, &b("ana group=1 state=non-optimized")),
+                (2, &b("ana group=1 state=persistent-loss")),
+                (2, &b("ana group=1 state=optimized")),
             ],
         ),
     ]
@@ -324,9 +332,28 @@ fn a_group_changing_past_anatt_makes_the_guest_reset_the_controller() {
     let host = path_events(o, "host");
     assert_eq!(
         names(&host),
-        ["ana group=1 state=change", "ana group=1 state=optimized"],
+        [
+            "ana group=1 state=change",
+            "ana group=1 state=optimized",
+            "ana group=1 state=non-optimized",
+            "ana group=1 state=persistent-loss",
+            "ana group=1 state=optimized",
+        ],
         "{host:#?}"
     );
+    // The guest saw B non-optimized, then lost, and logged each state it read.
+    let samples = o.get_all("mp_sample");
+    for state in ["non-optimized", "persistent-loss"] {
+        assert!(
+            samples.iter().any(|s| s.contains(&format!("={state}/"))),
+            "no sample saw a {state} path: {samples:#?}"
+        );
+        let line = format!("ANA group 1: {state}.");
+        assert!(
+            logged.iter().any(|l| l.contains(&line)),
+            "the guest never logged {line:?}: {logged:#?}"
+        );
+    }
     // The guest reset A while its group was changing (between the two host events).
     let guest = path_events(o, "guest");
     let (changed, optimized) = (host[0]["at_ms"].as_f64(), host[1]["at_ms"].as_f64());
