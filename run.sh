@@ -6,7 +6,9 @@
 # with 2 queues each and 4 NVMe controllers with 4 I/O queue pairs each, scenario `disks`
 # (the guest lists every disk it sees); blkswarm's closing report follows the guest's lines.
 # `bash run.sh s4 [more arguments]` reproduces S4 (writeback starved by a read flood on a slow
-# disk under mq-deadline; docs/s4-writeback-starvation.md). See `bash run.sh --help`.
+# disk under mq-deadline; docs/s4-writeback-starvation.md); `bash run.sh s3` reproduces S3
+# (controller failure, ANA changes and a subsystem reset under fio verify on a multipath disk).
+# See `bash run.sh --help`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -21,6 +23,24 @@ if [ "${1:-}" = s4 ]; then
         --cmdline "blkswarm.iodepth=32 blkswarm.numjobs=2 blkswarm.runtime=30 blkswarm.write_mb=256 blkswarm.hung_secs=10" \
         --arg=--disk \
         --arg=backend=null,size=2G,num_queues=2,fault_read_latency=exp:20ms,fault_write_bandwidth=8M \
+        "$@"
+elif [ "${1:-}" = s3 ]; then
+    # Two controllers (A, B) of one NVM subsystem share a 64-MiB image; the guest runs fio
+    # with crc32c verify on the multipath disk for 40 s (QD 8, 300 writes/s) and prints
+    # its paths' ANA states once a second. The host, through the control socket: A
+    # inaccessible (4 s after the first disk), optimized again through 1.5 s of change
+    # (8 s), fatal (13 s: the guest resets A at its 5-s I/O timeout), an NVM Subsystem
+    # Reset of both (25 s). The report's path_event lines give each one's host-side stall.
+    shift
+    a=0000:00:01.0
+    set -- --scenario multipath --name s3 --cpus 2 --timeout 300 \
+        --cmdline "nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=40 blkswarm.rate_iops=300" \
+        --setup 'dd if=/dev/zero of={scratch}/shared.img bs=1M count=0 seek=64 2>/dev/null' \
+        --arg=--nvme --arg='path={scratch}/shared.img,controllers=2,max_ioqpairs=2' \
+        --ctl "0:ana pci=$a group=1 state=inaccessible" \
+        --ctl "4:ana pci=$a group=1 state=optimized via_change_ms=1500" \
+        --ctl "5:fatal pci=$a" \
+        --ctl "12:reset pci=$a" \
         "$@"
 elif [ $# -eq 0 ]; then
     set -- --scenario disks --cpus boot=2,max=8 --cmdline blkswarm.expect=104 --timeout 240 \

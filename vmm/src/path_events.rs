@@ -8,10 +8,11 @@
 //! a path error the guest fails over on is progress). Under a steady load (fio) that is
 //! the pause the guest saw; an idle guest stalls the whole window, so read it with the
 //! in-flight series beside it. A guest reset is usually the consequence of a host event, so
-//! the two are measured side by side: a host event's window is closed by the next host
-//! event on the subsystem, a guest reset's by the next guest reset of the same controller.
-//! Also measured: how long the event's own controller took to
-//! complete a command again ("path back"). Resolution: the in-flight sampler's interval.
+//! the two are measured side by side: the next host event on the subsystem closes every
+//! window (a new cause, whose stall must not count for the earlier ones), a guest reset
+//! closes only the window of the same controller's previous guest reset. Also measured:
+//! how long the event's own controller took to complete a command again ("path back").
+//! Resolution: the in-flight sampler's interval.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -222,11 +223,12 @@ impl PathEvents {
                 event.back_after_guest_reset = false;
                 event.controller_completions = controller_completions;
             }
-            let superseded = match by {
-                Origin::Host => event.subsystem == subsystem,
-                Origin::Guest => event.subsystem == subsystem && event.controller == controller,
-            };
-            if event.open && event.by == by && superseded {
+            let superseded = event.subsystem == subsystem
+                && match by {
+                    Origin::Host => true,
+                    Origin::Guest => event.by == Origin::Guest && event.controller == controller,
+                };
+            if event.open && superseded {
                 close(event, at_ns);
             }
         }
@@ -431,10 +433,10 @@ mod tests {
         events.record_at(a, Origin::Guest, "reset".into(), 6000 * ms, false);
         let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
         assert_eq!(open, [true, false, true, true]);
-        // A host event closes the host event only.
+        // A host event closes every window on the subsystem: a stall from now on is its.
         events.record_at(b, Origin::Host, "fatal".into(), 7000 * ms, false);
         let open: Vec<bool> = events.report().iter().map(|event| event.open).collect();
-        assert_eq!(open, [false, false, true, true, true]);
+        assert_eq!(open, [false, false, false, false, true]);
     }
 
     #[test]

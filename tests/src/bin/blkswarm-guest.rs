@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use harness::{GuestSpec, Runner};
+use harness::{GuestSpec, Mode, Runner};
 
 const USAGE: &str = "\
 usage: blkswarm-guest [options]
@@ -22,6 +22,12 @@ usage: blkswarm-guest [options]
   --lab-memory MIB    L1 memory in lab mode, default: 3072
   --report-dir DIR    where blkswarm's measurement report (report.json, SVG plots) is
                       saved, default: target/blkswarm-reports/NAME
+  --ctl SECS:REQUEST  send REQUEST to blkswarm's control socket SECS seconds after the
+                      previous one (the first: 4 s after the guest's first disk), e.g.
+                      --ctl '0:fatal pci=0000:00:01.0'; answers print as ctl_answer
+  --setup CMD         shell command run before blkswarm (inside L1 in the lab)
+  In --arg, --setup and --ctl, {scratch} is a scratch directory for this guest (made
+  before --setup runs), e.g. for an image: --setup 'truncate -s 64M {scratch}/a.img'.
 Environment: BLKSWARM_MODE=direct|lab, BLKSWARM_VERBOSE=0, BLKSWARM_CACHE,
 BLKSWARM_BIN, BLKSWARM_QEMU.";
 
@@ -63,6 +69,50 @@ struct Cli {
     spec: GuestSpec,
     lab_memory_mib: Option<u64>,
     report_dir: Option<PathBuf>,
+    /// `--ctl`: (delay in seconds, request).
+    ctl: Vec<(u32, String)>,
+    setup: Option<String>,
+}
+
+impl Cli {
+    /// The guest to run in `mode`: with `--ctl` or `--setup`, a step that runs blkswarm with
+    /// a control socket and sends the requests; `{scratch}` replaced everywhere.
+    fn guest(&self, mode: Mode) -> GuestSpec {
+        let scratch = harness::scratch_dir(&self.spec.name, mode);
+        let fill = |s: &str| s.replace("{scratch}", &scratch);
+        let mut spec = self.spec.clone();
+        spec.extra_args = spec.extra_args.iter().map(|a| fill(a)).collect();
+        if self.ctl.is_empty() && self.setup.is_none() {
+            return spec;
+        }
+        let name = spec.name.clone();
+        let requests: Vec<(u32, String)> = self
+            .ctl
+            .iter()
+            .map(|(delay, request)| (*delay, fill(request)))
+            .collect();
+        let requests: Vec<(u32, &str)> = requests
+            .iter()
+            .map(|(delay, request)| (*delay, request.as_str()))
+            .collect();
+        let setup = fill(self.setup.as_deref().unwrap_or(""));
+        harness::guest_with_ctl(&name, mode, spec, &setup, &requests)
+    }
+}
+
+/// `SECS:REQUEST`.
+fn parse_ctl(s: &str) -> Result<(u32, String), String> {
+    let (delay, request) = s
+        .split_once(':')
+        .ok_or_else(|| format!("--ctl {s:?}: expected SECS:REQUEST"))?;
+    let delay = delay
+        .trim()
+        .parse()
+        .map_err(|_| format!("--ctl {s:?}: {delay:?} is not a number of seconds"))?;
+    if request.trim().is_empty() {
+        return Err(format!("--ctl {s:?}: no request"));
+    }
+    Ok((delay, request.trim().to_string()))
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
@@ -75,6 +125,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     let mut timeout = 90;
     let mut lab_memory_mib = None;
     let mut report_dir = None;
+    let mut ctl = Vec::new();
+    let mut setup = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-h" || a == "--help" {
@@ -111,6 +163,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
                 );
             }
             "--report-dir" => report_dir = Some(PathBuf::from(value()?)),
+            "--ctl" => ctl.push(parse_ctl(&value()?)?),
+            "--setup" => setup = Some(value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -126,6 +180,8 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
         spec,
         lab_memory_mib,
         report_dir,
+        ctl,
+        setup,
     }))
 }
 
@@ -152,7 +208,7 @@ fn main() -> ExitCode {
     if let Some(mib) = cli.lab_memory_mib {
         runner = runner.lab_memory_mib(mib);
     }
-    let spec = cli.spec;
+    let spec = cli.guest(runner.mode());
     let (outcomes, lab) = match runner.run(std::slice::from_ref(&spec)) {
         Ok(r) => r,
         Err(e) => {
@@ -166,7 +222,7 @@ fn main() -> ExitCode {
     println!("mode:        {} ({})", runner.mode(), runner.why());
     println!(
         "guest:       scenario={} cpus boot={},max={} memory={} MiB",
-        spec.scenario, spec.boot_cpus, spec.max_cpus, spec.memory_mib
+        cli.spec.scenario, cli.spec.boot_cpus, cli.spec.max_cpus, cli.spec.memory_mib
     );
     for (k, v) in &o.results {
         if v.is_empty() {
@@ -286,5 +342,53 @@ mod tests {
         assert!(parse_args(&args(&["--bogus"])).is_err());
         assert!(parse_args(&args(&["--cpus"])).is_err());
         assert!(parse_args(&args(&["--help"])).unwrap().is_none());
+    }
+
+    #[test]
+    fn ctl_requests_make_a_step_with_a_control_socket() {
+        let cli = parse_args(&args(&[
+            "--name",
+            "s3",
+            "--arg=--nvme",
+            "--arg=path={scratch}/a.img,controllers=2",
+            "--setup",
+            "truncate -s 64M {scratch}/a.img",
+            "--ctl",
+            "0:fatal pci=0000:00:01.0",
+            "--ctl=5: reset pci=0000:00:01.0",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            cli.ctl,
+            [
+                (0, "fatal pci=0000:00:01.0".to_string()),
+                (5, "reset pci=0000:00:01.0".to_string())
+            ]
+        );
+        let step = cli.guest(Mode::Lab);
+        assert!(step.command_runs_vmm);
+        let script = step.command.unwrap().join(" ");
+        assert!(
+            script.contains("truncate -s 64M /tmp/blkswarm-s3/a.img"),
+            "{script}"
+        );
+        assert!(
+            script.contains("path=/tmp/blkswarm-s3/a.img,controllers=2"),
+            "{script}"
+        );
+        assert!(script.contains("sleep 5;"), "{script}");
+        assert!(script.contains("--api-socket"), "{script}");
+        assert!(!script.contains("{scratch}"), "{script}");
+        // Without requests or setup, the guest runs as it is.
+        let plain = parse_args(&args(&["--arg=--disk", "--arg=path={scratch}/d.img"]))
+            .unwrap()
+            .unwrap();
+        let spec = plain.guest(Mode::Lab);
+        assert!(spec.command.is_none());
+        assert_eq!(spec.extra_args, ["--disk", "path=/tmp/blkswarm-boot/d.img"]);
+        for bad in ["--ctl=x:fatal", "--ctl=fatal", "--ctl=3:"] {
+            assert!(parse_args(&args(&[bad])).is_err(), "{bad}");
+        }
     }
 }
