@@ -1,10 +1,12 @@
 //! SVG plots of a [`Report`]: the latency CDF of each phase, interrupts per vCPU, and the
-//! in-flight depth of the busiest queues over time.
+//! in-flight depth of the busiest queues over time, with the path events (NVMe ANA changes,
+//! failures and resets) marked where they happened.
 
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
+use crate::path_events::Origin;
 use crate::stats::Report;
 
 /// In-flight plot: this many of the queues that served the most requests.
@@ -150,7 +152,11 @@ fn interrupts_per_vcpu(report: &Report, path: &Path) -> PlotResult<()> {
     root.present().map_err(plot_error)
 }
 
-/// The deepest in-flight count per sample interval, for the busiest queues.
+/// Path events marked on the in-flight plot; later ones are left out (the JSON has them).
+const MARKED_PATH_EVENTS: usize = 32;
+
+/// The deepest in-flight count per sample interval, for the busiest queues, and a vertical
+/// line at each path event (red: the host's, blue: a guest's reset) labelled with it.
 fn in_flight(report: &Report, path: &Path) -> PlotResult<()> {
     let mut queues: Vec<(String, &crate::stats::QueueReport)> = report
         .disks
@@ -178,9 +184,11 @@ fn in_flight(report: &Report, path: &Path) -> PlotResult<()> {
             Some((label, points))
         })
         .collect();
+    let events = &report.path_events[..report.path_events.len().min(MARKED_PATH_EVENTS)];
     let end = series
         .iter()
         .flat_map(|(_, points)| points.last().map(|&(t, _)| t))
+        .chain(events.iter().map(|event| event.at_ms / 1e3))
         .fold(0.1, f64::max);
     let deepest = series
         .iter()
@@ -208,6 +216,30 @@ fn in_flight(report: &Report, path: &Path) -> PlotResult<()> {
             .map_err(plot_error)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+    }
+    let top = deepest * 1.1;
+    for (index, event) in events.iter().enumerate() {
+        let x = event.at_ms / 1e3;
+        let color = match event.by {
+            Origin::Host => RGBColor(200, 30, 30),
+            Origin::Guest => RGBColor(30, 60, 200),
+        };
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, 0.0), (x, top)],
+                color.stroke_width(1),
+            )))
+            .map_err(plot_error)?;
+        // Staggered, so that events close in time stay readable.
+        let y = top * (0.97 - 0.06 * (index % 8) as f64);
+        let label = format!("{} {} ({})", event.by.name(), event.event, event.pci);
+        chart
+            .draw_series(std::iter::once(Text::new(
+                label,
+                (x, y),
+                ("sans-serif", 11).into_font().color(&color),
+            )))
+            .map_err(plot_error)?;
     }
     chart
         .configure_series_labels()

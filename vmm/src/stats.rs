@@ -586,6 +586,30 @@ mod tests {
     }
 
     #[test]
+    fn path_events_are_marked_on_the_in_flight_plot() {
+        let mut report = collect(&[disk_with_requests(10)], true, &PathEvents::new(&[]));
+        report.path_events = vec![PathEventReport {
+            at_ms: 250.0,
+            pci: "0000:00:03.0".into(),
+            subsystem: "nqn.test".into(),
+            by: crate::path_events::Origin::Host,
+            event: "ana group=1 state=inaccessible".into(),
+            subsystem_stall_ms: 20.0,
+            controller_back_ms: Some(10.0),
+            open: false,
+        }];
+        let dir = std::env::temp_dir().join(format!("blkswarm-marks-{}", std::process::id()));
+        let files = crate::plots::render(&report, &dir).unwrap();
+        let svg = std::fs::read_to_string(dir.join("in_flight.svg")).unwrap();
+        assert!(files.contains(&dir.join("in_flight.svg")));
+        assert!(
+            svg.contains("host ana group=1 state=inaccessible (0000:00:03.0)"),
+            "the event is labelled on the plot"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_summary_names_each_path_event_and_counts_the_rest() {
         let mut report = collect(&[disk_with_requests(1)], true, &PathEvents::new(&[]));
         let event = PathEventReport {
