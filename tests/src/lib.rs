@@ -832,7 +832,7 @@ impl Runner {
                         flaky.iter().map(|&i| outcomes[i].name.as_str()).collect();
                     let alone = flaky.iter().all(|&i| specs[i].self_contained);
                     let rerun: Vec<usize> = if alone {
-                        flaky.clone()
+                        flaky
                     } else {
                         (0..specs.len()).collect()
                     };
@@ -842,12 +842,11 @@ impl Runner {
                         if alone { "them" } else { "the plan" }
                     );
                     let subset: Vec<GuestSpec> = rerun.iter().map(|&i| specs[i].clone()).collect();
-                    let (mut retried, _) = lab::run(&cfg, &subset)?;
-                    for i in flaky {
-                        let j = rerun
-                            .iter()
-                            .position(|&k| k == i)
-                            .expect("every failed guest runs again");
+                    let (retried, _) = lab::run(&cfg, &subset)?;
+                    for (i, retried) in rerun.into_iter().zip(retried) {
+                        if !is_flaky(&outcomes[i]) {
+                            continue;
+                        }
                         // One line: the console tail of a lost guest holds lines of
                         // other guests, which must not pass for this one's.
                         history[i].push(
@@ -858,10 +857,7 @@ impl Runner {
                                 .unwrap_or("a triple fault")
                                 .to_string(),
                         );
-                        outcomes[i] = std::mem::replace(
-                            &mut retried[j],
-                            GuestOutcome::new(&specs[i].name, Mode::Lab),
-                        );
+                        outcomes[i] = retried;
                     }
                 }
                 for (outcome, earlier) in outcomes.iter_mut().zip(&history) {

@@ -67,22 +67,29 @@ fn nvme_function<'a>(
         .ok_or_else(|| format!("{pci} is not an NVMe controller"))
 }
 
-/// Runs `change` on the controller at `pci` and records `event` for it (as taking it down
-/// with `down`: see [`PathEvents::record_down`]).
+/// The path event a host change of a controller records.
+enum HostEvent {
+    /// The controller keeps serving (an ANA change, a restore).
+    Change(String),
+    /// The controller stops serving until the guest resets it: see
+    /// [`PathEvents::record_down`].
+    Down(&'static str),
+}
+
+/// Runs `change` on the controller at `pci` and records `event` for it.
 fn change_controller<T>(
     disks: &[MeasuredDisk],
     events: &PathEvents,
     pci: &str,
-    (event, down): (String, bool),
+    event: HostEvent,
     change: impl FnOnce(&mut NvmeController) -> Result<T, String>,
 ) -> Result<T, String> {
     let function = nvme_function(disks, pci)?;
     let mut function = function.lock().unwrap_or_else(PoisonError::into_inner);
     let result = change(function.controller_mut())?;
-    if down {
-        events.record_down(pci, event);
-    } else {
-        events.record(pci, Origin::Host, event);
+    match event {
+        HostEvent::Change(what) => events.record(pci, Origin::Host, what),
+        HostEvent::Down(what) => events.record_down(pci, what.to_string()),
     }
     Ok(result)
 }
@@ -136,22 +143,28 @@ fn controller_request<'a>(
     let events = &state.path_events;
     let err = |e: String| format!("{request}: {e}");
     match request {
-        "fatal" => change_controller(disks, events, pci, ("fatal".into(), true), |c| {
+        "fatal" => change_controller(disks, events, pci, HostEvent::Down("fatal"), |c| {
             c.fatal_error();
             Ok(())
         })
         .map_err(err)?,
-        "fail" => change_controller(disks, events, pci, ("fail".into(), true), |c| {
+        "fail" => change_controller(disks, events, pci, HostEvent::Down("fail"), |c| {
             c.fail();
             Ok(())
         })
         .map_err(err)?,
         // Not an event unless the controller was failed.
-        "restore" => change_controller(disks, events, pci, ("restore".into(), false), |c| {
-            c.restore()
-                .then_some(())
-                .ok_or_else(|| format!("{pci} was not failed"))
-        })
+        "restore" => change_controller(
+            disks,
+            events,
+            pci,
+            HostEvent::Change("restore".into()),
+            |c| {
+                c.restore()
+                    .then_some(())
+                    .ok_or_else(|| format!("{pci} was not failed"))
+            },
+        )
         .map_err(err)?,
         "reset" => {
             nvme_function(disks, pci).map_err(err)?;
@@ -179,7 +192,7 @@ fn controller_request<'a>(
                     disks,
                     events,
                     pci,
-                    (format!("ana group={group} state={}", target.name()), false),
+                    HostEvent::Change(format!("ana group={group} state={}", target.name())),
                     |c| c.set_ana_state(group, target),
                 )
                 .map_err(err)
@@ -210,7 +223,7 @@ fn controller_request<'a>(
                         .spawn(move || {
                             std::thread::sleep(Duration::from_millis(u64::from(ms)));
                             let event = format!("ana group={group} state={}", target.name());
-                            let event = (event, false);
+                            let event = HostEvent::Change(event);
                             if let Err(e) = change_controller(&disks, &events, &pci, event, |c| {
                                 c.set_ana_state(group, target)
                             }) {
