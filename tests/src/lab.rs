@@ -59,6 +59,9 @@ pub const TERM_GRACE_SECS: u64 = 10;
 pub const GUEST_GRACE: Duration = Duration::from_secs(30);
 /// Per-guest allowance in the overall lab deadline (process start, plan overhead).
 const PER_GUEST_OVERHEAD: Duration = Duration::from_secs(10);
+/// How a guest's loss begins when L1 went silent under it (see [`run`]'s deadlines): a
+/// lab failure, like QEMU's exit without `@@lab done`.
+pub const L1_HUNG: &str = "L1 hung";
 /// How long to wait for QEMU to exit after `@@lab done` or `@@lab error`.
 const WIND_DOWN: Duration = Duration::from_secs(30);
 
@@ -636,10 +639,14 @@ pub fn run(
         }
         if let Some((name, begin)) = parser.current() {
             let t = timeouts.get(name).copied().unwrap_or_default() + cfg.guest_grace;
+            // L1 runs the guest under `timeout` (plan_script): a guest still running
+            // this late means L1 itself stopped, not the guest.
             deadlines.push((
                 begin + t.as_millis() as u64,
                 format!(
-                    "guest '{name}' ran past its timeout plus {} s grace ({} s)",
+                    "{L1_HUNG}: guest '{name}' ran past its timeout plus {} s grace ({} s), \
+                     and L1's own `timeout` (SIGTERM, then SIGKILL {TERM_GRACE_SECS} s later) \
+                     did not end it",
                     cfg.guest_grace.as_secs(),
                     t.as_secs()
                 ),
@@ -724,13 +731,20 @@ pub fn run(
         eprintln!("[lab] QEMU stderr:\n{}", qemu_stderr.trim_end());
     }
 
+    let l1_hung = killed
+        .as_deref()
+        .is_some_and(|why| why.starts_with(L1_HUNG));
     let l1_died = killed.is_none() && parser.done_ms.is_none();
-    let qemu_log_tail = if l1_died {
+    let qemu_log_tail = if l1_died || l1_hung {
         read_tail(&qemu_log, QEMU_LOG_TAIL_BYTES)
     } else {
         String::new()
     };
     let stop = match (&killed, parser.done_ms) {
+        (Some(why), _) if l1_hung => format!(
+            "{why}; the harness killed QEMU after {total_ms} ms ({})",
+            how_l1_ended(&qemu_log_tail)
+        ),
         (Some(why), _) => format!("the harness killed QEMU after {total_ms} ms: {why}"),
         (None, Some(_)) => "L1 finished the plan (`@@lab done`) without running it".to_string(),
         (None, None) => format!(
@@ -969,9 +983,17 @@ mod tests {
         assert_eq!(report.l1_uptime_ms, Some(5));
         let lost = o[0].lost.as_deref().unwrap();
         assert!(lost.contains("killed QEMU"), "{lost}");
-        assert!(lost.contains("guest 'g1' ran past its timeout"), "{lost}");
+        assert!(
+            lost.starts_with("began but never ended: L1 hung: guest 'g1' ran past its timeout"),
+            "{lost}"
+        );
         assert!(lost.contains("@@guest partial=1"), "{lost}");
-        assert!(o[1].lost.as_deref().unwrap().starts_with("never started"));
+        assert!(o[1]
+            .lost
+            .as_deref()
+            .unwrap()
+            .starts_with("never started: L1 hung"));
+        assert!(o[0].lost_with_the_lab() && o[1].lost_with_the_lab());
     }
 
     #[test]

@@ -471,11 +471,13 @@ impl GuestOutcome {
             })
     }
 
-    /// Lost because L1 died under it or before it began (lab mode).
+    /// Lost because L1 died or went silent under it or before it began (lab mode).
     pub fn lost_with_the_lab(&self) -> bool {
         self.lost.as_deref().is_some_and(|why| {
-            why.starts_with("began but never ended: QEMU exited")
-                || why.starts_with("never started: QEMU exited")
+            ["began but never ended: ", "never started: "]
+                .iter()
+                .filter_map(|prefix| why.strip_prefix(prefix))
+                .any(|stop| stop.starts_with("QEMU exited") || stop.starts_with(lab::L1_HUNG))
         })
     }
 
@@ -807,7 +809,8 @@ impl Runner {
                 // Failures of the lab rather than of the guests, seen under TCG's emulated
                 // SVM: L1 itself died (QEMU exited without `@@lab done`, nothing on the
                 // console; QEMU's log says "Triple fault" outside guest mode, i.e. in L1's
-                // own code), or a guest triple-faulted in L2. Both grow with the I/O the
+                // own code), L1 went silent (its own `timeout` never ended the guest: a CI
+                // run lost a multipath guest so), or a guest triple-faulted in L2. Both grow with the I/O the
                 // guest does: a 12-second fio flood (tests/tests/writeback_starvation.rs)
                 // lost 6 of 14 L1 boots one way or the other, with kvm_amd vgif=0 or npt=0
                 // no better, and thread=single TCG never booted L2 at all.
@@ -940,6 +943,11 @@ mod tests {
         assert!(o.lost_with_the_lab());
         o.lost = Some("never started: QEMU exited (exit status: 0) after 9 ms".into());
         assert!(o.lost_with_the_lab());
+        o.lost = Some("never started: L1 hung: guest 'g' ran past its timeout".into());
+        assert!(
+            o.lost_with_the_lab(),
+            "L1 did not end a guest at its timeout"
+        );
         o.lost = Some("never started: the lab timed out".into());
         assert!(!o.lost_with_the_lab());
         assert!(!o.triple_faulted());

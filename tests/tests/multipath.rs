@@ -30,7 +30,9 @@ fn multipath_guest(
     let image = format!("{}/shared.img", scratch_dir(name, mode));
     let guest = GuestSpec::new("multipath", "multipath")
         .cpus(2, 2)
-        .timeout(Duration::from_secs(240))
+        // About a minute in the lab (30 s of fio, boot, setup); a lab that hangs is
+        // noticed at this plus the harness's grace, then retried.
+        .timeout(Duration::from_secs(150))
         // At most 300 writes a second (each verified by a read): enough that every
         // transition finds requests in flight on both paths, and a quarter of what fio does
         // unbounded in the lab, where L1 (QEMU TCG's emulated SVM) dies more often the more
