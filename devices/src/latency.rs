@@ -266,6 +266,9 @@ impl InFlightSeries {
 pub struct QueueCounts {
     /// Requests published (used ring / CQ entry written), errors included.
     pub requests: u64,
+    /// Of those, published with an error status (virtio-blk IOERR/UNSUPP, NVMe status
+    /// other than success: path errors of ANA states included).
+    pub errors: u64,
     /// Guest notifications the device acted on (ioeventfd wake-ups, MMIO doorbell writes).
     pub notifications: u64,
     /// Interrupts injected for this queue.
@@ -283,6 +286,11 @@ impl QueueCounts {
         self.requests.saturating_sub(self.notifications)
     }
 
+    /// Requests published with success.
+    pub fn succeeded(&self) -> u64 {
+        self.requests - self.errors
+    }
+
     /// Requests that shared their interrupt with others, or had none.
     pub fn interrupts_coalesced(&self) -> u64 {
         self.requests.saturating_sub(self.interrupts)
@@ -292,7 +300,10 @@ impl QueueCounts {
 /// What a queue's worker and the reporters share.
 pub struct QueueLatency {
     timing: bool,
-    requests: AtomicU64,
+    /// Published with success and with an error status: one counter each, so a publish
+    /// is one atomic add and a reader's count of successes never includes an error.
+    succeeded: AtomicU64,
+    errors: AtomicU64,
     notifications: AtomicU64,
     interrupts: AtomicU64,
     interrupts_suppressed: AtomicU64,
@@ -322,7 +333,8 @@ impl QueueLatency {
     pub fn new() -> Self {
         QueueLatency {
             timing: TIMING.load(Ordering::Relaxed),
-            requests: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             interrupts_suppressed: AtomicU64::new(0),
@@ -339,8 +351,10 @@ impl QueueLatency {
     }
 
     pub fn counts(&self) -> QueueCounts {
+        let errors = self.errors.load(Ordering::Relaxed);
         QueueCounts {
-            requests: self.requests.load(Ordering::Relaxed),
+            requests: self.succeeded.load(Ordering::Relaxed) + errors,
+            errors,
             notifications: self.notifications.load(Ordering::Relaxed),
             interrupts: self.interrupts.load(Ordering::Relaxed),
             interrupts_suppressed: self.interrupts_suppressed.load(Ordering::Relaxed),
@@ -396,8 +410,9 @@ impl QueueLatency {
     /// series.
     pub fn sample_in_flight(&self) {
         // A queue that never saw a request (most of a 500-disk guest's, and the SQ ids of an
-        // NVMe controller the guest never created) costs three loads: no lock, no store.
-        if self.requests.load(Ordering::Relaxed) == 0
+        // NVMe controller the guest never created) costs four loads: no lock, no store.
+        if self.succeeded.load(Ordering::Relaxed) == 0
+            && self.errors.load(Ordering::Relaxed) == 0
             && self.in_flight_peak.load(Ordering::Relaxed) == 0
             && self.in_flight.load(Ordering::Relaxed) == 0
         {
@@ -459,10 +474,20 @@ impl LatencyRecorder {
         self.queue.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A fetched request was published.
-    pub fn published(&mut self, mut times: RequestTimes) {
+    /// A fetched request was published with success.
+    pub fn published(&mut self, times: RequestTimes) {
+        self.queue.succeeded.fetch_add(1, Ordering::Relaxed);
+        self.publish(times);
+    }
+
+    /// A fetched request was published with an error status.
+    pub fn published_error(&mut self, times: RequestTimes) {
+        self.queue.errors.fetch_add(1, Ordering::Relaxed);
+        self.publish(times);
+    }
+
+    fn publish(&mut self, mut times: RequestTimes) {
         self.queue.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.queue.requests.fetch_add(1, Ordering::Relaxed);
         if self.queue.timing {
             times.published = now_ns();
             self.published.push(times);
@@ -623,7 +648,7 @@ mod tests {
         }
         recorder.batch_ended(true);
         recorder.fetched();
-        recorder.published(RequestTimes {
+        recorder.published_error(RequestTimes {
             notified: start,
             ..RequestTimes::default()
         });
@@ -632,10 +657,11 @@ mod tests {
         assert_eq!(
             (
                 counts.requests,
+                counts.errors,
                 counts.interrupts,
                 counts.interrupts_suppressed
             ),
-            (4, 1, 1)
+            (4, 1, 1, 1)
         );
         assert_eq!(counts.in_flight, 0);
         let histograms = queue.histograms().expect("timed");

@@ -11,7 +11,8 @@
 //! the two are measured side by side: the next host event on the subsystem closes every
 //! window (a new cause, whose stall must not count for the earlier ones), a guest reset
 //! closes only the window of the same controller's previous guest reset. Also measured:
-//! how long the event's own controller took to complete a command again ("path back").
+//! how long the event's own controller took to complete a command with success again
+//! ("path back": a path error, of an inaccessible ANA group say, is not the path serving).
 //! Resolution: the in-flight sampler's interval.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,13 @@ impl Controller {
             .map(|queue| queue.counts().requests)
             .sum()
     }
+
+    fn successes(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|queue| queue.counts().succeeded())
+            .sum()
+    }
 }
 
 /// Who made an event.
@@ -87,7 +95,7 @@ struct Event {
     window_end_ns: u64,
     open: bool,
     subsystem_completions: u64,
-    controller_completions: u64,
+    controller_successes: u64,
     /// Start of the current interval without subsystem completions.
     quiet_since_ns: u64,
     longest_quiet_ns: u64,
@@ -111,7 +119,8 @@ pub struct PathEventReport {
     /// Longest interval without a completion on the subsystem after the event (see the
     /// module documentation), so far if the window is still open.
     pub subsystem_stall_ms: f64,
-    /// Until the event's controller completed a command again; None if it has not (yet).
+    /// Until the event's controller completed a command with success again; None if it
+    /// has not (yet).
     pub controller_back_ms: Option<f64>,
     /// Still being measured.
     pub open: bool,
@@ -213,7 +222,7 @@ impl PathEvents {
             return;
         }
         let subsystem_ref = &self.subsystems[subsystem];
-        let controller_completions = subsystem_ref.controllers[controller].completions();
+        let controller_successes = subsystem_ref.controllers[controller].successes();
         for event in events.iter_mut() {
             if by == Origin::Guest
                 && event.back_after_guest_reset
@@ -221,7 +230,7 @@ impl PathEvents {
                 && event.controller == controller
             {
                 event.back_after_guest_reset = false;
-                event.controller_completions = controller_completions;
+                event.controller_successes = controller_successes;
             }
             let superseded = event.subsystem == subsystem
                 && match by {
@@ -241,7 +250,7 @@ impl PathEvents {
             window_end_ns: at_ns.saturating_add(EVENT_WINDOW_NS),
             open: true,
             subsystem_completions: subsystem_ref.completions(),
-            controller_completions,
+            controller_successes,
             quiet_since_ns: at_ns,
             longest_quiet_ns: 0,
             controller_back_ns: None,
@@ -268,8 +277,7 @@ impl PathEvents {
             }
             if event.controller_back_ns.is_none()
                 && !event.back_after_guest_reset
-                && subsystem.controllers[event.controller].completions()
-                    != event.controller_completions
+                && subsystem.controllers[event.controller].successes() != event.controller_successes
             {
                 event.controller_back_ns = Some(now.saturating_sub(event.at_ns));
             }
@@ -356,17 +364,53 @@ mod tests {
         recorder.batch_ended(false);
     }
 
+    /// One request through `queue` that the device failed (a path error, say).
+    fn fail(queue: &Arc<QueueLatency>) {
+        let mut recorder = LatencyRecorder::new(queue.clone());
+        recorder.fetched();
+        recorder.published_error(RequestTimes::default());
+        recorder.batch_ended(false);
+    }
+
+    /// A host change (not a controller taken down) at `at_ms`.
+    fn host_change_at(events: &PathEvents, pci: &str, what: &str, at_ms: u64) {
+        events.record_at(pci, Origin::Host, what.into(), at_ms * 1_000_000, false);
+    }
+
+    #[test]
+    fn path_errors_end_a_stall_but_the_path_is_back_only_when_it_serves() {
+        let (events, queues) = two_controller_subsystem();
+        let ms = 1_000_000;
+        host_change_at(
+            &events,
+            "0000:00:01.0",
+            "ana group=1 state=inaccessible",
+            1000,
+        );
+        // A answers its commands with ANA inaccessible (progress: the guest fails over).
+        fail(&queues[0]);
+        events.tick_at(1010 * ms);
+        complete(&queues[1]);
+        events.tick_at(1020 * ms);
+        let report = &events.report()[0];
+        assert_eq!(
+            report.controller_back_ms, None,
+            "a path error is not A serving"
+        );
+        assert_eq!(queues[0].counts().errors, 1);
+        assert_eq!(queues[0].counts().requests, 1);
+        complete(&queues[0]);
+        events.tick_at(1500 * ms);
+        assert_eq!(events.report()[0].controller_back_ms, Some(500.0));
+        host_change_at(&events, "0000:00:02.0", "fail", 1600);
+        assert_eq!(events.report()[0].subsystem_stall_ms, 480.0);
+    }
+
     #[test]
     fn stall_is_the_longest_quiet_interval_and_the_path_comes_back() {
         let (events, queues) = two_controller_subsystem();
         let ms = 1_000_000;
-        events.record_at(
-            "0000:00:01.0",
-            Origin::Host,
-            "fatal".into(),
-            1000 * ms,
-            false,
-        );
+        host_change_at(&events, "0000:00:01.0", "fatal", 1000);
         // The other path goes on for 20 ms, then nothing completes for 300 ms.
         complete(&queues[1]);
         events.tick_at(1010 * ms);

@@ -111,6 +111,10 @@ pub struct SeriesReport {
 pub struct QueueReport {
     pub queue: String,
     pub requests: u64,
+    /// Of `requests`, published with an error status. Absent in reports of earlier
+    /// versions.
+    #[serde(default)]
+    pub errors: u64,
     pub notifications: u64,
     pub notifications_suppressed: u64,
     pub interrupts: u64,
@@ -252,6 +256,7 @@ fn queue_report(queue: &MeasuredQueue, merged: &mut Option<PhaseHistograms>) -> 
     QueueReport {
         queue: queue.name.clone(),
         requests: counts.requests,
+        errors: counts.errors,
         notifications: counts.notifications,
         notifications_suppressed: counts.notifications_suppressed(),
         interrupts: counts.interrupts,

@@ -419,6 +419,11 @@ fn io_through_a_path_follows_its_group_state() {
         (Status::SUCCESS, vec![0x42; BLOCK])
     );
     assert_eq!(image.read_at(3 * BLOCK as u64, BLOCK), vec![0x42; BLOCK]);
+    // The host's measurements tell the path errors from the commands served.
+    let (_, latency) = driver.controller.io_queue_latency().next().unwrap();
+    let counts = latency.counts();
+    assert_eq!((counts.requests, counts.errors), (18, 6));
+    assert_eq!(counts.succeeded(), 12);
 }
 
 #[test]

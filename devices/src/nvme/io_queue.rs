@@ -610,7 +610,11 @@ impl IoSubmissionQueueHandler {
             self.latency.abandoned();
         } else {
             self.posted = true;
-            self.latency.published(times);
+            if status.is_success() {
+                self.latency.published(times);
+            } else {
+                self.latency.published_error(times);
+            }
         }
     }
 }

@@ -257,6 +257,7 @@ impl BlockQueue {
         times: RequestTimes,
     ) {
         let counters = &self.device.counters;
+        let failed = outcome.is_err();
         let (status_byte, data_written) = match outcome {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(error) => {
@@ -273,7 +274,11 @@ impl BlockQueue {
         match self.queue.add_used(&self.memory, head, used_len) {
             Ok(()) => {
                 self.used_pending = true;
-                self.latency.published(times);
+                if failed {
+                    self.latency.published_error(times);
+                } else {
+                    self.latency.published(times);
+                }
             }
             // A head index beyond the queue: nothing can be returned to the driver.
             Err(_) => {

@@ -1347,6 +1347,7 @@ fn every_request_leaves_one_sample_in_each_phase_it_went_through() {
     let latency = &harness.block.queue_latency()[0];
     let counts = latency.counts();
     assert_eq!(counts.requests, requests);
+    assert_eq!(counts.errors, 3, "the refused requests");
     // One per kick, plus the pool's first look at a queue it starts serving unless that
     // merged with the first kick.
     assert!(
