@@ -35,7 +35,13 @@ fn shadow_driver(cq_entries: u16, sq_entries: u16) -> TestDriver {
         Status::SUCCESS
     );
     assert_eq!(driver.create_cq(1, cq_entries, 1), Status::SUCCESS);
+    // The new SQ's handler looks at the shadow tail once and publishes its EventIdx. Until
+    // it has, a submission may be served without a ring (it saw the tail first): the tests
+    // counting rings wait for that look, marked by the EventIdx overwriting a sentinel.
+    let tail_event_index = slot(EVENT_INDEXES, Doorbell::SubmissionTail(1));
+    put32(&driver, tail_event_index, 0xDEAD);
     assert_eq!(driver.create_sq(1, sq_entries, 1), Status::SUCCESS);
+    wait_for_event_index(&driver, Doorbell::SubmissionTail(1), 0);
     driver
 }
 

@@ -286,15 +286,20 @@ impl TestDriver {
     pub fn reap_quietly(&mut self, qid: u16) -> Option<Cqe> {
         let cq = self.completion_queues.get_mut(&qid).expect("no such CQ");
         let address = cq.base + u64::from(cq.head) * 16;
+        // As a driver must: the phase tag (DW3) first, the rest only once it says the entry
+        // is new (the device writes DW3 last). Read before it, DW2 could still be the last
+        // lap's entry: another SQ's id beside this command id.
         let mut dwords = [0u32; 4];
-        for (i, dword) in dwords.iter_mut().enumerate() {
+        dwords[3] = self.memory.read_obj(GuestAddress(address + 12)).unwrap();
+        if ((dwords[3] >> 16) & 1 != 0) != cq.phase {
+            return None;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        for (i, dword) in dwords[..3].iter_mut().enumerate() {
             *dword = self
                 .memory
                 .read_obj(GuestAddress(address + 4 * i as u64))
                 .unwrap();
-        }
-        if ((dwords[3] >> 16) & 1 != 0) != cq.phase {
-            return None;
         }
         cq.head = (cq.head + 1) % cq.size;
         if cq.head == 0 {
