@@ -127,7 +127,8 @@ pub fn nvme_io_command(data: &[u8]) {
         // The first namespace's group inaccessible, the others optimized: both outcomes of
         // the path check are reached.
         ana: Some(Arc::new({
-            let groups = crate::nvme::ana::AnaGroups::new(namespaces().len() as u32);
+            let count = namespaces().len() as u32;
+            let groups = crate::nvme::ana::AnaGroups::new(count, count);
             let _ = groups.set(1, crate::nvme::ana::AnaState::Inaccessible);
             groups
         })),

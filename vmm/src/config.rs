@@ -112,6 +112,9 @@ pub struct NvmeConfig {
     pub controllers: u16,
     /// `anatt=S`: ANATT of a multi-controller subsystem, in seconds.
     pub ana_transition_time_secs: u8,
+    /// `ana_groups=G`: ANA groups the namespaces are dealt into, round-robin; None: one
+    /// per namespace.
+    pub ana_groups: Option<u32>,
     /// This controller's place in a multi-controller subsystem (set when the option is
     /// expanded into its controllers); None for a controller alone in its subsystem.
     pub subsystem: Option<SubsystemMember>,
@@ -252,6 +255,8 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                                   multipath disk per namespace (default 1, at most 16)
                  anatt=S          ANA transition time, 1..=255 s (default 10): the longest
                                   ctl ana ... via_change_ms may hold the change state
+                 ana_groups=G     ANA groups, 1..=namespaces (default: one per
+                                  namespace); namespace n is in group ((n-1) mod G)+1
   --dry-run              build the VM, print its creation time and RSS, exit before it runs
   --io-threads N         I/O worker threads serving every queue (default: host CPUs)
   --report DIR           write the measurement report at exit: DIR/report.json (schema in
@@ -557,6 +562,7 @@ struct DiskKeys<'a> {
     serial: Option<&'a str>,
     controllers: u16,
     ana_transition_time_secs: u8,
+    ana_groups: Option<u32>,
     /// `fault_*` keys, without the prefix, checked.
     faults: Option<Arc<[(String, String)]>>,
 }
@@ -597,6 +603,7 @@ fn read_disk_keys<'a>(
         serial: None,
         controllers: 1,
         ana_transition_time_secs: ANA_TRANSITION_TIME_SECS,
+        ana_groups: None,
         faults: None,
     };
     let mut faults = Vec::new();
@@ -632,6 +639,9 @@ fn read_disk_keys<'a>(
             }
             "mdts" if nvme => keys.mdts = number(0, u64::from(MAX_NVME_MDTS))? as u8,
             "anatt" if nvme => keys.ana_transition_time_secs = number(1, 255)? as u8,
+            "ana_groups" if nvme => {
+                keys.ana_groups = Some(number(1, u64::from(MAX_NVME_NAMESPACES))? as u32)
+            }
             "controllers" if nvme => {
                 keys.controllers = number(1, u64::from(MAX_NVME_CONTROLLERS_PER_SUBSYSTEM))? as u16
             }
@@ -700,6 +710,26 @@ impl DiskKeys<'_> {
                 "an image file backs one namespace; several need backend=null",
             ));
         }
+        if let Some(groups) = self.ana_groups {
+            let why = if self.controllers < 2 {
+                Some("ANA needs controllers=2 or more".to_string())
+            } else if groups > self.namespaces {
+                Some(format!(
+                    "at most one group per namespace ({} namespaces)",
+                    self.namespaces
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(bad_value(
+                    self.option,
+                    "ana_groups",
+                    &groups.to_string(),
+                    why,
+                ));
+            }
+        }
         Ok(NvmeConfig {
             backend,
             read_only: self.read_only,
@@ -713,6 +743,7 @@ impl DiskKeys<'_> {
             faults: self.faults.clone(),
             controllers: self.controllers,
             ana_transition_time_secs: self.ana_transition_time_secs,
+            ana_groups: self.ana_groups,
             subsystem: None,
         })
     }
@@ -1540,6 +1571,20 @@ mod tests {
         }
         let short = nvmes_of(&["--nvme", "backend=null,size=1G,controllers=2,anatt=2"]);
         assert!(short.iter().all(|nvme| nvme.ana_transition_time_secs == 2));
+        for ana_groups in [
+            "backend=null,size=1G,namespaces=4,ana_groups=2",
+            "backend=null,size=1G,namespaces=4,controllers=2,ana_groups=5",
+            "backend=null,size=1G,namespaces=4,controllers=2,ana_groups=0",
+        ] {
+            line[3] = ana_groups;
+            assert!(parse(&line).is_err(), "{ana_groups}");
+        }
+        let grouped = nvmes_of(&[
+            "--nvme",
+            "backend=null,size=1G,namespaces=4,controllers=2,ana_groups=2",
+        ]);
+        assert_eq!(grouped.len(), 2);
+        assert!(grouped.iter().all(|nvme| nvme.ana_groups == Some(2)));
         let too_many = format!("count={MAX_DISKS},backend=null,size=1G,controllers=2");
         assert!(matches!(
             parse(&["--kernel", "/k", "--nvmes", &too_many]),
@@ -1574,6 +1619,7 @@ mod tests {
                 faults: None,
                 controllers: 1,
                 ana_transition_time_secs: 10,
+                ana_groups: None,
                 subsystem: None,
             }
         );

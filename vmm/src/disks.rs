@@ -160,6 +160,7 @@ fn nvme_controller_config(
         multi_controller: member.is_some(),
         ana_reporting: member.is_some(),
         ana_transition_time_secs: nvme.ana_transition_time_secs,
+        ana_groups: nvme.ana_groups,
         serial,
         namespaces,
         ..ControllerConfig::default()

@@ -390,13 +390,13 @@ impl NvmeController {
         if config.volatile_write_cache {
             data.u8(525, 0b101);
         }
-        if config.ana_reporting {
-            let groups = self.namespace_count();
+        if let Some(ana) = self.io.ana.as_ref() {
             data.u8(342, config.ana_transition_time_secs);
             data.u8(343, ANA_CAPABILITIES);
-            data.u32(344, groups); // ANAGRPMAX
-            data.u32(348, groups); // NANAGRPID
-            data.u32(540, groups); // MNAN: Linux sizes its ANA log buffer by it.
+            data.u32(344, ana.groups()); // ANAGRPMAX
+            data.u32(348, ana.groups()); // NANAGRPID
+                                         // MNAN: Linux sizes its ANA log buffer by it (with NANAGRPID).
+            data.u32(540, self.namespace_count());
         }
         let nqn = config.subsystem_nqn();
         data.ascii(768, 256, &nqn);
@@ -417,10 +417,10 @@ impl NvmeController {
         // NSATTR: write protected when the backend is read-only (Linux then sets the disk
         // read-only).
         data.u8(99, u8::from(namespace.backend.read_only()));
-        // NMIC: shared by the subsystem's controllers; ANAGRPID: each namespace is its group.
+        // NMIC: shared by the subsystem's controllers; ANAGRPID: the namespace's group.
         data.u8(30, u8::from(self.config.multi_controller));
-        if self.config.ana_reporting {
-            data.u32(92, nsid);
+        if let Some(group) = self.io.ana.as_ref().and_then(|ana| ana.group_of(nsid)) {
+            data.u32(92, group);
         }
         data.bytes(104, &namespace.nguid);
         // LBA format 0: LBADS in bits 23:16, no metadata, best relative performance.

@@ -1,7 +1,9 @@
 //! Asymmetric Namespace Access (NVMe 1.4, 8.20): how a controller of a multi-controller
-//! subsystem reaches each namespace. Every namespace is its own ANA group (group id = nsid),
-//! and each controller has its own state per group, so the host can make one path optimized,
-//! another inaccessible, and flip them while I/O runs. The states are read by the I/O
+//! subsystem reaches each namespace. The namespaces are dealt round-robin into the ANA
+//! groups (one group per namespace by default: group id = nsid; with fewer groups, as on an
+//! array whose two ports each own half the volumes, namespace n is in group
+//! ((n - 1) mod groups) + 1), and each controller has its own state per group, so the host
+//! can make one path optimized, another inaccessible, and flip them while I/O runs. The states are read by the I/O
 //! workers on every command (one relaxed load) and survive controller resets: they belong
 //! to the subsystem's ports, not to a controller's life.
 
@@ -88,15 +90,19 @@ impl AnaState {
 pub struct AnaGroups {
     /// Index group id - 1.
     states: Vec<AtomicU8>,
+    namespaces: u32,
     change_counts: Vec<AtomicU64>,
     /// The log header's change count: changes of any group.
     change_count: AtomicU64,
 }
 
 impl AnaGroups {
-    /// `groups` groups (ids 1..=groups), all optimized.
-    pub fn new(groups: u32) -> Self {
+    /// `groups` groups (ids 1..=groups, at least 1, at most one per namespace) holding
+    /// `namespaces` namespaces round-robin, all optimized.
+    pub fn new(groups: u32, namespaces: u32) -> Self {
+        let groups = groups.clamp(1, namespaces.max(1));
         AnaGroups {
+            namespaces,
             states: (0..groups)
                 .map(|_| AtomicU8::new(AnaState::Optimized.code()))
                 .collect(),
@@ -107,6 +113,19 @@ impl AnaGroups {
 
     pub fn groups(&self) -> u32 {
         self.states.len() as u32
+    }
+
+    /// The group of namespace `nsid`; None for an id the subsystem does not have.
+    pub fn group_of(&self, nsid: u32) -> Option<u32> {
+        let index = nsid
+            .checked_sub(1)
+            .filter(|&index| index < self.namespaces)?;
+        Some(index % self.groups() + 1)
+    }
+
+    /// The state of the group of namespace `nsid`: what a command to it meets.
+    pub fn namespace_state(&self, nsid: u32) -> Option<AnaState> {
+        self.state(self.group_of(nsid)?)
     }
 
     /// The state of group `group`; None for an id the controller does not have.
@@ -133,11 +152,10 @@ impl AnaGroups {
     }
 
     /// The ANA log page (NVMe 1.4, 5.14.1.12): a header and one descriptor per group, each
-    /// listing its namespace (the group's own id) unless `groups_only`.
+    /// listing its namespaces in ascending order (Linux walks them so) unless `groups_only`.
     pub fn log_page(&self, groups_only: bool) -> Vec<u8> {
-        let nsids_per_group = usize::from(!groups_only);
-        let mut data =
-            Vec::with_capacity(HEADER_BYTES + self.states.len() * (DESCRIPTOR_BYTES + 4));
+        let groups = self.groups();
+        let mut data = Vec::with_capacity(self.log_bytes());
         data.extend_from_slice(&self.change_count.load(Ordering::SeqCst).to_le_bytes());
         data.extend_from_slice(&(self.states.len() as u16).to_le_bytes());
         data.resize(HEADER_BYTES, 0);
@@ -145,14 +163,18 @@ impl AnaGroups {
             self.states.iter().zip(&self.change_counts).enumerate()
         {
             let group = index as u32 + 1;
+            let members: Vec<u32> = (group..=self.namespaces).step_by(groups as usize).collect();
             let start = data.len();
             data.extend_from_slice(&group.to_le_bytes());
-            data.extend_from_slice(&(nsids_per_group as u32).to_le_bytes());
+            let listed = if groups_only { 0 } else { members.len() as u32 };
+            data.extend_from_slice(&listed.to_le_bytes());
             data.extend_from_slice(&change_count.load(Ordering::SeqCst).to_le_bytes());
             data.push(state.load(Ordering::SeqCst));
             data.resize(start + DESCRIPTOR_BYTES, 0);
             if !groups_only {
-                data.extend_from_slice(&group.to_le_bytes());
+                for nsid in &members {
+                    data.extend_from_slice(&nsid.to_le_bytes());
+                }
             }
         }
         data
@@ -161,7 +183,7 @@ impl AnaGroups {
     /// Bytes of the full log: what Linux sizes its buffer by (header, NANAGRPID descriptors,
     /// MNAN namespace ids).
     pub fn log_bytes(&self) -> usize {
-        HEADER_BYTES + self.states.len() * (DESCRIPTOR_BYTES + 4)
+        HEADER_BYTES + self.states.len() * DESCRIPTOR_BYTES + self.namespaces as usize * 4
     }
 }
 
@@ -200,7 +222,7 @@ mod tests {
 
     #[test]
     fn log_page_lists_every_group_with_its_state_and_change_counts() {
-        let groups = AnaGroups::new(3);
+        let groups = AnaGroups::new(3, 3);
         assert_eq!(groups.set(2, AnaState::Inaccessible), Ok(true));
         assert_eq!(
             groups.set(2, AnaState::Inaccessible),
@@ -241,5 +263,46 @@ mod tests {
             2,
             "next descriptor right after"
         );
+    }
+
+    #[test]
+    fn namespaces_are_dealt_round_robin_into_fewer_groups() {
+        let groups = AnaGroups::new(2, 5);
+        assert_eq!(groups.groups(), 2);
+        let of: Vec<Option<u32>> = (0..=6).map(|nsid| groups.group_of(nsid)).collect();
+        assert_eq!(
+            of,
+            [None, Some(1), Some(2), Some(1), Some(2), Some(1), None]
+        );
+        assert_eq!(groups.set(2, AnaState::Inaccessible), Ok(true));
+        assert_eq!(groups.namespace_state(4), Some(AnaState::Inaccessible));
+        assert_eq!(groups.namespace_state(5), Some(AnaState::Optimized));
+        assert_eq!(groups.namespace_state(6), None);
+        assert!(
+            groups.set(3, AnaState::Optimized).is_err(),
+            "two groups only"
+        );
+
+        let log = groups.log_page(false);
+        assert_eq!(log.len(), groups.log_bytes());
+        assert_eq!(log.len(), HEADER_BYTES + 2 * DESCRIPTOR_BYTES + 5 * 4);
+        // Group 1: namespaces 1, 3, 5; group 2: 2, 4, ascending.
+        let mut offset = HEADER_BYTES;
+        for (group, nsids, state) in [
+            (1, vec![1, 3, 5], AnaState::Optimized),
+            (2, vec![2, 4], AnaState::Inaccessible),
+        ] {
+            assert_eq!(le32(&log, offset), group);
+            assert_eq!(le32(&log, offset + 4), nsids.len() as u32);
+            assert_eq!(log[offset + 16], state.code());
+            offset += DESCRIPTOR_BYTES;
+            for nsid in nsids {
+                assert_eq!(le32(&log, offset), nsid, "group {group}");
+                offset += 4;
+            }
+        }
+        // Out-of-range group counts are clamped: at least one, at most one per namespace.
+        assert_eq!(AnaGroups::new(0, 3).groups(), 1);
+        assert_eq!(AnaGroups::new(9, 3).groups(), 3);
     }
 }

@@ -294,6 +294,70 @@ fn identify_namespace_reports_sharing_and_one_ana_group_per_namespace() {
 }
 
 #[test]
+fn namespaces_share_groups_when_fewer_are_configured() {
+    // Five namespaces in two groups, as an array whose two ports each own some volumes.
+    let namespaces = (1..=5).map(|seed| null_namespace(1 << 12, seed)).collect();
+    let mut config = ana_config(1, namespaces);
+    config.ana_groups = Some(2);
+    let mut driver = with_queue_pair(config);
+    let (_, controller) = driver.identify(CNS_CONTROLLER, 0);
+    assert_eq!(le32(&controller, 344), 2, "ANAGRPMAX");
+    assert_eq!(le32(&controller, 348), 2, "NANAGRPID");
+    assert_eq!(
+        le32(&controller, 540),
+        5,
+        "MNAN: every namespace may be listed"
+    );
+    for (nsid, group) in [(1, 1), (2, 2), (3, 1), (4, 2), (5, 1)] {
+        let (status, data) = driver.identify(CNS_NAMESPACE, nsid);
+        assert_eq!(status, Status::SUCCESS);
+        assert_eq!(le32(&data, 92), group, "ANAGRPID of namespace {nsid}");
+    }
+
+    assert_eq!(
+        driver.controller.set_ana_state(2, AnaState::Inaccessible),
+        Ok(true)
+    );
+    assert!(driver
+        .controller
+        .set_ana_state(3, AnaState::Optimized)
+        .is_err());
+    let log = read_ana_log(&mut driver, false);
+    assert_eq!(
+        log.groups,
+        [
+            GroupDescriptor {
+                group: 1,
+                change_count: 0,
+                state: STATE_OPTIMIZED,
+                nsids: vec![1, 3, 5],
+            },
+            GroupDescriptor {
+                group: 2,
+                change_count: 1,
+                state: STATE_INACCESSIBLE,
+                nsids: vec![2, 4],
+            },
+        ]
+    );
+    let max_len = 16 + 2 * 32 + 5 * 4;
+    assert_eq!(log.len, max_len, "within what NANAGRPID and MNAN size");
+    // Every namespace of the inaccessible group refuses I/O on this path; the others serve.
+    for nsid in 1..=5 {
+        let status = write_block(&mut driver, nsid, 0, 0x20 + nsid as u8);
+        if nsid % 2 == 0 {
+            assert_path_error(
+                status,
+                Status::ANA_INACCESSIBLE,
+                &format!("namespace {nsid}"),
+            );
+        } else {
+            assert_eq!(status, Status::SUCCESS, "namespace {nsid}");
+        }
+    }
+}
+
+#[test]
 fn ana_log_reports_states_change_counts_and_nsid_lists() {
     let mut driver = enabled(ana_config(1, two_null_namespaces()));
     let log = read_ana_log(&mut driver, false);

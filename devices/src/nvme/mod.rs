@@ -275,9 +275,11 @@ pub struct ControllerConfig {
     /// One of several controllers of the subsystem (CMIC bit 1), sharing its namespaces
     /// (Identify Namespace NMIC bit 0): Linux builds one multipath disk over them.
     pub multi_controller: bool,
-    /// Asymmetric Namespace Access reporting (CMIC bit 3): one ANA group per namespace, each
-    /// with this controller's state, the ANA log and ANA change events (see [`ana`]).
+    /// Asymmetric Namespace Access reporting (CMIC bit 3): ANA groups, each with this
+    /// controller's state, the ANA log and ANA change events (see [`ana`]).
     pub ana_reporting: bool,
+    /// ANA groups the namespaces are dealt into, round-robin; None: one per namespace.
+    pub ana_groups: Option<u32>,
     /// ANATT (with `ana_reporting`): the longest the host keeps a group in the change
     /// state, in seconds, 1..=255.
     pub ana_transition_time_secs: u8,
@@ -304,6 +306,7 @@ impl Default for ControllerConfig {
             subsystem_nqn: None,
             multi_controller: false,
             ana_reporting: false,
+            ana_groups: None,
             ana_transition_time_secs: ana::ANA_TRANSITION_TIME_SECS,
             volatile_write_cache: true,
             namespaces: vec![NamespaceConfig::with_seed(
@@ -472,9 +475,13 @@ impl NvmeController {
             fatal: AtomicBool::new(false),
             invalid_shadow_doorbell_values: AtomicU64::new(0),
             halted: AtomicBool::new(false),
-            ana: config
-                .ana_reporting
-                .then(|| Arc::new(AnaGroups::new(config.namespaces.len() as u32))),
+            ana: config.ana_reporting.then(|| {
+                let namespaces = config.namespaces.len() as u32;
+                Arc::new(AnaGroups::new(
+                    config.ana_groups.unwrap_or(namespaces),
+                    namespaces,
+                ))
+            }),
         });
         NvmeController {
             registers: RegisterFile::new(config.max_queue_entries),

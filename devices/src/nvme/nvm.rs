@@ -163,7 +163,7 @@ pub fn prepare(
     if let Some(status) = context
         .ana
         .as_ref()
-        .and_then(|ana| ana.state(nsid))
+        .and_then(|ana| ana.namespace_state(nsid))
         .and_then(|state| state.io_status())
     {
         return Err(status);
