@@ -258,6 +258,18 @@ impl Harness {
         self.block.counters().snapshot()
     }
 
+    /// Waits until queue `queue` has raised `interrupts` interrupts and its worker has ended
+    /// the batch that raised the last: the used entry is published before the interrupt,
+    /// and the batch's counters after it, so a test that saw the entry must wait for both.
+    fn wait_interrupts(&self, queue: u16, interrupts: u64) {
+        let latency = &self.block.queue_latency()[usize::from(queue)];
+        assert!(
+            eventually(|| latency.counts().interrupts >= interrupts),
+            "queue {queue}: {} of {interrupts} interrupts",
+            latency.counts().interrupts
+        );
+    }
+
     /// A good read still works (after a bad request).
     fn assert_still_serving(&mut self) {
         let (status, _) = self.read(0, 512);
@@ -374,6 +386,7 @@ fn read_write_flush_on_a_raw_file() {
     let (status, _) = harness.read(2047, 512);
     assert_eq!(status, VIRTIO_BLK_S_OK);
 
+    harness.wait_interrupts(0, 4);
     let counters = harness.counters();
     assert_eq!(counters.requests_in, 2);
     assert_eq!(counters.requests_out, 1);
@@ -558,6 +571,7 @@ fn event_idx_interrupts_only_when_used_event_is_passed() {
         q.wait_used(1, WAIT);
         assert_eq!(q.avail_event(), sent);
         let expected = u64::from(sent == REQUESTS);
+        harness.wait_interrupts(0, expected);
         assert_eq!(harness.interrupt.count(0), expected, "after {sent}");
     }
     let counters = harness.counters();
@@ -569,6 +583,7 @@ fn event_idx_interrupts_only_when_used_event_is_passed() {
     for _ in 0..REQUESTS {
         harness.request(0, VIRTIO_BLK_T_FLUSH, 0, None);
     }
+    harness.wait_interrupts(0, u64::from(REQUESTS));
     assert_eq!(harness.interrupt.count(0), u64::from(REQUESTS));
     assert_eq!(harness.counters().interrupts_suppressed, 0);
 }
@@ -695,6 +710,7 @@ fn bad_request_case(
             assert_eq!(harness.status(area), 0xff, "{name}: status written");
         }
     }
+    harness.wait_interrupts(0, 1);
     let counters = harness.counters();
     assert_eq!(counter(&counters), 1, "{name}: {counters:?}");
     assert_eq!(counters.errors(), 1, "{name}: {counters:?}");
@@ -1039,6 +1055,7 @@ fn reset_with_requests_in_flight_drops_them_and_reactivation_works() {
     let (used, status, _) = harness.request(1, VIRTIO_BLK_T_FLUSH, 0, None);
     assert_eq!((used.len, status), (1, VIRTIO_BLK_S_OK));
     assert!(start.elapsed() >= latency);
+    harness.wait_interrupts(1, 1);
     assert_eq!(harness.interrupt.count(1), 1);
     assert_eq!(harness.counters().stale_completions, 0);
     assert!(harness
@@ -1344,6 +1361,7 @@ fn every_request_leaves_one_sample_in_each_phase_it_went_through() {
         assert_eq!(status, VIRTIO_BLK_S_UNSUPP);
     }
     let requests = u64::from(READS) + 3;
+    harness.wait_interrupts(0, requests);
     let latency = &harness.block.queue_latency()[0];
     let counts = latency.counts();
     assert_eq!(counts.requests, requests);
