@@ -19,7 +19,9 @@
 #   multipath (S3): fio verify over the first NVMe multipath disk for blkswarm.runtime= s
 #                   (iodepth=), the paths' ANA and controller states once a second;
 #                   blkswarm.reset=PCI@S: the guest resets the controller at PCI S s in;
-#                   blkswarm.rate_iops=N caps fio's writes (0: as fast as it can)
+#                   blkswarm.rate_iops=N caps fio's writes (0: as fast as it can);
+#                   blkswarm.mp_watch=1: no fio, only the samples for runtime= s (null
+#                   namespaces, several per subsystem: ANA groups spanning them)
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
 #                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
 #
@@ -59,6 +61,7 @@ WRITE_MB=256
 HUNG_SECS=10
 RESET_AT=
 FIO_RATE_IOPS=0
+MP_WATCH=
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -89,6 +92,7 @@ for w in $CMDLINE; do
         blkswarm.hung_secs=*) HUNG_SECS=${w#*=} ;;
         blkswarm.reset=*) RESET_AT=${w#*=} ;;
         blkswarm.rate_iops=*) FIO_RATE_IOPS=${w#*=} ;;
+        blkswarm.mp_watch=*) MP_WATCH=${w#*=} ;;
     esac
 done
 
@@ -654,6 +658,9 @@ mp_nvme_cli() {
     for c in /sys/class/nvme/nvme*; do
         [ -e "$c" ] || continue
         c=${c##*/}
+        # Groups and states only: nvme-cli 2.3 leaves the NSID lists out of the length it
+        # asks for when ANACAP bit 6 (group ids never change) is set, then prints them from
+        # past its buffer. Linux's own view of each namespace's group is mp_path_group.
         if nvme ana-log "/dev/$c" -o json >/tmp/ana.json 2>/tmp/ana.err; then
             out "mp_ana_log_$when=$c $(grep -o '"\(grpid\|state\)" *: *"*[^",}]*' /tmp/ana.json | tr -d ' "' | tr '\n' ' ')"
         else
@@ -682,7 +689,7 @@ mp_guest_reset() {
 # states once a second, and what its kernel logged about paths, ANA and resets.
 scenario_multipath() {
     wait_disks
-    local s disk start fiopid n=0
+    local s disk start fiopid rc n=0
     for s in /sys/class/nvme-subsystem/nvme-subsys*; do
         [ -e "$s" ] || continue
         # Spread I/O over every optimized path, so that a failing one has requests on it.
@@ -705,12 +712,18 @@ scenario_multipath() {
     fi
     out "disk=$disk"
     start=$(uptime_ms)
-    fio --name=multipath "--filename=/dev/$disk" --rw=randwrite --bs=4k "--iodepth=$FIO_QD" \
-        --ioengine=libaio --direct=1 --size=16m --time_based "--runtime=${FIO_RUNTIME:-20}" \
-        "--rate_iops=$FIO_RATE_IOPS" --verify=crc32c --verify_backlog=128 --verify_fatal=1 \
-        --verify_state_save=0 \
-        --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
-    fiopid=$!
+    if [ -n "$MP_WATCH" ]; then
+        # Null namespaces hold no data to verify: only watch the paths.
+        sleep "${FIO_RUNTIME:-20}" &
+        fiopid=$!
+    else
+        fio --name=multipath "--filename=/dev/$disk" --rw=randwrite --bs=4k "--iodepth=$FIO_QD" \
+            --ioengine=libaio --direct=1 --size=16m --time_based "--runtime=${FIO_RUNTIME:-20}" \
+            "--rate_iops=$FIO_RATE_IOPS" --verify=crc32c --verify_backlog=128 --verify_fatal=1 \
+            --verify_state_save=0 \
+            --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
+        fiopid=$!
+    fi
     while kill -0 "$fiopid" 2>/dev/null; do
         n=$((n + 1))
         out "mp_sample=$n t_ms=$(($(uptime_ms) - start)) $(mp_paths)"
@@ -721,10 +734,18 @@ scenario_multipath() {
         sleep 1
     done
     wait "$fiopid"
-    fio_outcome "$?"
-    fio_report_dir write
-    fio_report_dir read
+    rc=$?
+    if [ -z "$MP_WATCH" ]; then
+        fio_outcome "$rc"
+        fio_report_dir write
+        fio_report_dir read
+    fi
     out "mp_paths_after=$(mp_paths)"
+    # Which namespace each path is and the ANA group Linux read for it (Identify ANAGRPID).
+    for s in /sys/block/nvme*c*n*; do
+        [ -e "$s" ] || continue
+        out "mp_path_group=${s##*/} nsid=$(cat "$s/nsid" 2>/dev/null) grpid=$(cat "$s/ana_grpid" 2>/dev/null)"
+    done
     mp_nvme_cli after
     dmesg | grep 'nvme' | grep -v -i 'command line' |
         grep -i 'ana\|reset\|path\|fail\|timeout\|ready\|down' | head -n 40 |

@@ -9,7 +9,9 @@
 //! the host's and the guest's resets, with the stall it caused and show the failed path
 //! serving again. A third guest sees a group left in the change state past its ANA
 //! transition time (ANATT 2 s) and resets the controller, as Linux does after 2 x ANATT,
-//! then the other path non-optimized and in persistent loss.
+//! then the other path non-optimized and in persistent loss. A fourth has four null
+//! namespaces dealt into two ANA groups (`ana_groups=2`) and sees each group's namespaces
+//! change state together, on one path at a time.
 
 use std::time::Duration;
 
@@ -48,6 +50,24 @@ fn multipath_guest(
     let setup = format!("dd if=/dev/zero of={image} bs=1M count=0 seek=64 2>/dev/null");
     // Its setup makes the image it uses: it may run again alone after a lab failure.
     guest_with_ctl(name, mode, guest, &setup, requests).self_contained()
+}
+
+/// Four null namespaces in two ANA groups (odd nsids in group 1, even in group 2) on both
+/// controllers. No I/O (null namespaces hold no data to verify): the guest watches its eight
+/// paths while A's group 2 becomes inaccessible and B's group 1 non-optimized.
+fn grouped_guest(mode: Mode) -> GuestSpec {
+    let guest = GuestSpec::new("multipath", "multipath")
+        .cpus(2, 2)
+        .timeout(Duration::from_secs(150))
+        .cmdline("blkswarm.mp_watch=1 blkswarm.runtime=10")
+        .arg("--nvme")
+        .arg("backend=null,size=64M,namespaces=4,controllers=2,max_ioqpairs=2,ana_groups=2");
+    let requests = [
+        format!("ana group=2 state=inaccessible pci={PATH_A}"),
+        format!("ana group=1 state=non-optimized pci={PATH_B}"),
+    ];
+    let requests = [(0, requests[0].as_str()), (1, requests[1].as_str())];
+    guest_with_ctl("multipath_groups", mode, guest, "true", &requests).self_contained()
 }
 
 fn specs(mode: Mode) -> Vec<GuestSpec> {
@@ -95,6 +115,7 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
                 (2, &b("ana group=1 state=optimized")),
             ],
         ),
+        grouped_guest(mode),
     ]
 }
 
@@ -376,4 +397,71 @@ fn a_group_changing_past_anatt_makes_the_guest_reset_the_controller() {
         stalls(&host),
         stalls(&guest)
     );
+}
+
+#[test]
+fn namespaces_of_one_ana_group_change_state_together() {
+    let o = RUN.clean("multipath_groups");
+    eprintln!(
+        "multipath_groups: {:#?}",
+        o.results
+            .iter()
+            .filter(|(key, _)| key.starts_with("mp_") || key == "ctl_answer")
+            .collect::<Vec<_>>()
+    );
+    let host = path_events(o, "host");
+    assert_eq!(
+        names(&host),
+        [
+            "ana group=2 state=inaccessible",
+            "ana group=1 state=non-optimized"
+        ],
+        "{host:#?}"
+    );
+    // Controller instance (nvme1) -> PCI address, from nvme-cli's list-subsys.
+    let listed = o.get("mp_list_subsys_after").expect("list-subsys");
+    let tokens: Vec<&str> = listed.split_whitespace().collect();
+    let addresses: std::collections::BTreeMap<&str, &str> = tokens
+        .windows(2)
+        .filter_map(|pair| {
+            let name = pair[0].strip_prefix("Name:")?;
+            Some((name, pair[1].strip_prefix("Address:")?))
+        })
+        .collect();
+    assert_eq!(addresses.len(), 2, "{listed}");
+    // Each controller's ANA log, as nvme-cli read it: both groups with this path's states.
+    for log in o.get_all("mp_ana_log_after") {
+        let controller = log.split_whitespace().next().unwrap();
+        let expected = match addresses[controller] {
+            PATH_A => "grpid:1 state:optimized grpid:2 state:inaccessible",
+            _ => "grpid:1 state:non-optimized grpid:2 state:optimized",
+        };
+        assert!(log.trim_end().ends_with(expected), "{log}: expected {expected}");
+    }
+    let states = words(o.get("mp_paths_after").expect("paths"));
+    let groups = o.get_all("mp_path_group");
+    assert_eq!(groups.len(), 8, "4 namespaces x 2 paths: {groups:?}");
+    for line in groups {
+        let fields = words(line);
+        let path = line.split_whitespace().next().unwrap();
+        let nsid: u32 = fields["nsid"].parse().unwrap();
+        let group: u32 = fields["grpid"].parse().unwrap();
+        assert_eq!(group, (nsid - 1) % 2 + 1, "ANAGRPID Linux read: {line}");
+        // nvme<S>c<C>n<N>: the path through controller nvme<C>.
+        let controller = format!(
+            "nvme{}",
+            &path[path.find('c').unwrap() + 1..path.rfind('n').unwrap()]
+        );
+        let address = addresses[controller.as_str()];
+        let expected = match (address, group) {
+            (PATH_A, 2) => "inaccessible/live",
+            (PATH_B, 1) => "non-optimized/live",
+            _ => "optimized/live",
+        };
+        assert_eq!(
+            states.get(path),
+            Some(&expected),
+            "{path} ({address}, group {group})"
+        );
+    }
 }
