@@ -810,10 +810,11 @@ impl Runner {
                 // SVM: L1 itself died (QEMU exited without `@@lab done`, nothing on the
                 // console; QEMU's log says "Triple fault" outside guest mode, i.e. in L1's
                 // own code), L1 went silent (its own `timeout` never ended the guest: a CI
-                // run lost a multipath guest so), or a guest triple-faulted in L2. Both grow with the I/O the
-                // guest does: a 12-second fio flood (tests/tests/writeback_starvation.rs)
-                // lost 6 of 14 L1 boots one way or the other, with kvm_amd vgif=0 or npt=0
-                // no better, and thread=single TCG never booted L2 at all.
+                // run lost a multipath guest so), or a guest triple-faulted in L2. They grow
+                // with the I/O the guest does: a 12-second fio flood
+                // (tests/tests/writeback_starvation.rs) lost 6 of 14 L1 boots one way or the
+                // other, with kvm_amd vgif=0 or npt=0 no better, and thread=single TCG never
+                // booted L2 at all.
                 // The plan runs again in a fresh L1, up to LAB_ATTEMPTS boots in all: only
                 // the failed guests when each is self-contained (less I/O, so less for the
                 // lab to die of), else the whole plan (later guests may need files earlier

@@ -436,7 +436,10 @@ fn namespaces_of_one_ana_group_change_state_together() {
             PATH_A => "grpid:1 state:optimized grpid:2 state:inaccessible",
             _ => "grpid:1 state:non-optimized grpid:2 state:optimized",
         };
-        assert!(log.trim_end().ends_with(expected), "{log}: expected {expected}");
+        assert!(
+            log.trim_end().ends_with(expected),
+            "{log}: expected {expected}"
+        );
     }
     let states = words(o.get("mp_paths_after").expect("paths"));
     let groups = o.get_all("mp_path_group");

@@ -395,8 +395,7 @@ impl NvmeController {
             data.u8(343, ANA_CAPABILITIES);
             data.u32(344, ana.groups()); // ANAGRPMAX
             data.u32(348, ana.groups()); // NANAGRPID
-                                         // MNAN: Linux sizes its ANA log buffer by it (with NANAGRPID).
-            data.u32(540, self.namespace_count());
+            data.u32(540, self.namespace_count()); // MNAN: sizes Linux's ANA log buffer
         }
         let nqn = config.subsystem_nqn();
         data.ascii(768, 256, &nqn);

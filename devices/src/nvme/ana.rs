@@ -3,9 +3,9 @@
 //! groups (one group per namespace by default: group id = nsid; with fewer groups, as on an
 //! array whose two ports each own half the volumes, namespace n is in group
 //! ((n - 1) mod groups) + 1), and each controller has its own state per group, so the host
-//! can make one path optimized, another inaccessible, and flip them while I/O runs. The states are read by the I/O
-//! workers on every command (one relaxed load) and survive controller resets: they belong
-//! to the subsystem's ports, not to a controller's life.
+//! can make one path optimized, another inaccessible, and flip them while I/O runs. The
+//! states are read by the I/O workers on every command (one relaxed load) and survive
+//! controller resets: they belong to the subsystem's ports, not to a controller's life.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
