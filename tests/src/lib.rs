@@ -297,7 +297,7 @@ pub const TAIL_LINES: usize = 40;
 
 /// The last `n` lines of `text`.
 /// L1 boots one `Runner::run` may use when the lab, not the guest, fails (see there).
-pub const LAB_ATTEMPTS: usize = 4;
+pub const LAB_ATTEMPTS: usize = 6;
 
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
