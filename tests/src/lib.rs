@@ -24,7 +24,9 @@ mod direct;
 pub mod lab;
 pub mod parse;
 pub mod paths;
+pub mod qemu_l2;
 pub mod report;
+pub mod shard;
 pub mod shell;
 
 use std::collections::BTreeMap;
@@ -140,6 +142,18 @@ impl GuestSpec {
     pub fn self_contained(mut self) -> Self {
         self.self_contained = true;
         self
+    }
+
+    /// Can run in any L1, in any order: marked [`GuestSpec::self_contained`], or a plain
+    /// blkswarm run whose disks are no files (no `path=`/`dir=`), so nothing an earlier
+    /// guest made. The harness spreads such guests over parallel L1s and reruns them alone.
+    pub fn needs_nothing_earlier(&self) -> bool {
+        self.self_contained
+            || (self.command.is_none()
+                && !self
+                    .extra_args
+                    .iter()
+                    .any(|a| a.contains("path=") || a.contains("dir=")))
     }
 
     /// `--cpus boot=BOOT,max=MAX`.
@@ -481,6 +495,38 @@ impl GuestOutcome {
         })
     }
 
+    /// How the lab failed this guest, if it did. None for a guest that ended (cleanly or
+    /// by its own fault) and for one that never started because the lab failed under an
+    /// earlier guest (displaced, not failed).
+    pub fn lab_failure(&self) -> Option<LabFailure> {
+        if let Some(stop) = self
+            .lost
+            .as_deref()
+            .and_then(|why| why.strip_prefix("began but never ended: "))
+        {
+            if stop.starts_with("QEMU exited") {
+                return Some(LabFailure::L1Died);
+            }
+            if stop.starts_with(lab::L1_HUNG) {
+                return Some(LabFailure::L1Hung);
+            }
+            return None;
+        }
+        if self.triple_faulted() {
+            Some(LabFailure::L2TripleFault)
+        } else if self.hung_in_the_lab() {
+            Some(LabFailure::L1KvmStuck)
+        } else {
+            None
+        }
+    }
+
+    /// Must run again in a new L1 boot: the lab failed it, or it never started because the
+    /// lab failed under an earlier guest.
+    pub fn needs_another_lab(&self) -> bool {
+        self.lost_with_the_lab() || self.triple_faulted() || self.hung_in_the_lab()
+    }
+
     /// Asserts the guest printed `@@guest key=want` (its last such line).
     pub fn expect_result(&self, key: &str, want: &str) {
         assert_eq!(
@@ -615,6 +661,110 @@ pub struct LabReport {
     pub console: String,
     /// QEMU's stderr.
     pub qemu_stderr: String,
+    /// Every L1 boot of the run, retries included (the fields above are the first's).
+    pub boots: Vec<LabBoot>,
+    /// How many L1s ran side by side.
+    pub parallel: usize,
+    /// Host wall time of the whole run, every boot and retry, ms.
+    pub wall_ms: u64,
+}
+
+impl LabReport {
+    /// Every lab failure of the run, in order: (L1 label, attempt, guest, failure).
+    pub fn failures(&self) -> impl Iterator<Item = (&LabBoot, &str, LabFailure)> {
+        self.boots
+            .iter()
+            .flat_map(|b| b.failures.iter().map(move |(g, f)| (b, g.as_str(), *f)))
+    }
+
+    /// One line: boots, parallelism, failures by kind, wall time.
+    pub fn summary(&self) -> String {
+        let count = |kind: LabFailure| self.failures().filter(|f| f.2 == kind).count();
+        let failures = self.failures().count();
+        format!(
+            "{} L1 boot(s), {} at a time, {} vCPU each; {failures} lab failure(s): \
+             {} L2 triple fault, {} L1 death, {} L1 hang, {} L1 KVM stuck; wall {:.1} s",
+            self.boots.len(),
+            self.parallel,
+            lab::l1_smp(),
+            count(LabFailure::L2TripleFault),
+            count(LabFailure::L1Died),
+            count(LabFailure::L1Hung),
+            count(LabFailure::L1KvmStuck),
+            self.wall_ms as f64 / 1000.0
+        )
+    }
+}
+
+/// One L1 boot of a [`Runner::run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabBoot {
+    /// `lab`, or `lab1`, `lab2`, ... when several L1s ran side by side.
+    pub label: String,
+    /// 1 for the first round; retries count up.
+    pub attempt: usize,
+    /// The guests this boot was given, in order.
+    pub guests: Vec<String>,
+    /// Host wall time from QEMU launch to exit, ms.
+    pub total_ms: u64,
+    /// Each guest the lab failed in this boot.
+    pub failures: Vec<(String, LabFailure)>,
+    /// Guests that never started because L1 died or hung under an earlier one.
+    pub displaced: Vec<String>,
+}
+
+/// A failure of the lab rather than of the guest: L1 (QEMU TCG with nested SVM) or KVM
+/// inside it failed the guest. Retried in a new L1 boot, counted and printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LabFailure {
+    /// The L2 guest triple-faulted (blkswarm exit 3, KVM_EXIT_SHUTDOWN).
+    L2TripleFault,
+    /// L1 died: QEMU exited without `@@lab done`.
+    L1Died,
+    /// L1 went silent: its own `timeout` never ended the guest.
+    L1Hung,
+    /// L1's kernel reported blkswarm's vCPU thread blocked inside its KVM.
+    L1KvmStuck,
+}
+
+impl LabFailure {
+    pub fn name(self) -> &'static str {
+        match self {
+            LabFailure::L2TripleFault => "L2 triple fault",
+            LabFailure::L1Died => "L1 death",
+            LabFailure::L1Hung => "L1 hang",
+            LabFailure::L1KvmStuck => "L1 KVM stuck",
+        }
+    }
+}
+
+impl fmt::Display for LabFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Writes to the process's stderr directly: libtest captures `eprintln!` of a test that
+/// passes, and a lab failure a retry hid must still be seen.
+pub fn say_uncaptured(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// Appends `line` to the file named by `BLKSWARM_LAB_LOG` (test.sh sums it up at the end).
+fn log_lab(line: &str) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("BLKSWARM_LAB_LOG") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 /// `BLKSWARM_VERBOSE` is not `0`.
@@ -804,51 +954,51 @@ impl Runner {
                     verbose: self.verbose,
                     guest_grace: lab::GUEST_GRACE,
                     extra_files: self.lab_files.clone(),
+                    label: "lab".to_string(),
                 };
-                let (mut outcomes, report) = lab::run(&cfg, specs)?;
+                let parallel = shard::lab_parallelism(self.lab_memory_mib);
+                let started = std::time::Instant::now();
+                let mut boots = Vec::new();
+                let all: Vec<usize> = (0..specs.len()).collect();
+                let (first, first_report) = lab_round(&cfg, specs, &all, parallel, 1, &mut boots)?;
+                let mut outcomes: Vec<GuestOutcome> =
+                    first.into_iter().map(|(_, outcome)| outcome).collect();
                 // Failures of the lab rather than of the guests, seen under TCG's emulated
-                // SVM: L1 itself died (QEMU exited without `@@lab done`, nothing on the
-                // console; QEMU's log says "Triple fault" outside guest mode, i.e. in L1's
-                // own code), L1 went silent (its own `timeout` never ended the guest: a CI
-                // run lost a multipath guest so), or a guest triple-faulted in L2. They grow
-                // with the I/O the guest does: a 12-second fio flood
-                // (tests/tests/writeback_starvation.rs) lost 6 of 14 L1 boots one way or the
-                // other, with kvm_amd vgif=0 or npt=0 no better, and thread=single TCG never
-                // booted L2 at all.
-                // The plan runs again in a fresh L1, up to LAB_ATTEMPTS boots in all: only
-                // the failed guests when each is self-contained (less I/O, so less for the
-                // lab to die of), else the whole plan (later guests may need files earlier
-                // steps made there). Each such guest takes the outcome of the first boot
-                // where the lab held; one whose failure repeats on every boot is reported
-                // with its last outcome.
-                let is_flaky = |o: &GuestOutcome| {
-                    o.lost_with_the_lab() || o.triple_faulted() || o.hung_in_the_lab()
-                };
+                // SVM: L1 itself died (QEMU exited without `@@lab done`), L1 went silent
+                // (its own `timeout` never ended the guest), L1's KVM held blkswarm's vCPU
+                // thread, or a guest triple-faulted in L2. With two L1 vCPUs they followed
+                // the I/O load (docs/lab.md); with one they are rare, but still the lab's.
+                // The failed guests run again in a fresh L1, up to LAB_ATTEMPTS rounds in
+                // all: only the failed guests when each is self-contained, else the whole
+                // plan (later guests may need files earlier steps made there). Each takes
+                // the outcome of the first boot where the lab held; one whose failure
+                // repeats on every boot is reported with its last outcome. Every failure is
+                // counted in the lab report and printed, whatever the retry gave.
                 let mut history: Vec<Vec<String>> = vec![Vec::new(); outcomes.len()];
                 for attempt in 2..=LAB_ATTEMPTS {
                     let flaky: Vec<usize> = (0..outcomes.len())
-                        .filter(|&i| is_flaky(&outcomes[i]))
+                        .filter(|&i| outcomes[i].needs_another_lab())
                         .collect();
                     if flaky.is_empty() {
                         break;
                     }
                     let names: Vec<&str> =
                         flaky.iter().map(|&i| outcomes[i].name.as_str()).collect();
-                    let alone = flaky.iter().all(|&i| specs[i].self_contained);
+                    let alone = flaky.iter().all(|&i| specs[i].needs_nothing_earlier());
                     let rerun: Vec<usize> = if alone {
                         flaky
                     } else {
                         (0..specs.len()).collect()
                     };
-                    eprintln!(
+                    say_uncaptured(&format!(
                         "harness: lab failure (L1 died or hung, or L2 triple fault) in {names:?}; \
                          running {} again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})",
                         if alone { "them" } else { "the plan" }
-                    );
-                    let subset: Vec<GuestSpec> = rerun.iter().map(|&i| specs[i].clone()).collect();
-                    let (retried, _) = lab::run(&cfg, &subset)?;
-                    for (i, retried) in rerun.into_iter().zip(retried) {
-                        if !is_flaky(&outcomes[i]) {
+                    ));
+                    let (retried, _) =
+                        lab_round(&cfg, specs, &rerun, parallel, attempt, &mut boots)?;
+                    for (i, retried) in retried {
+                        if !outcomes[i].needs_another_lab() {
                             continue;
                         }
                         // One line: the console tail of a lost guest holds lines of
@@ -872,10 +1022,97 @@ impl Runner {
                         );
                     }
                 }
+                let mut report = first_report;
+                report.boots = boots;
+                report.parallel = parallel;
+                report.wall_ms = started.elapsed().as_millis() as u64;
+                let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                let summary = format!("harness: lab run of {names:?}: {}", report.summary());
+                say_uncaptured(&summary);
+                log_lab(&summary);
                 Ok((outcomes, Some(report)))
             }
         }
     }
+}
+
+/// One round of lab boots: the guests `indices` of `specs`, split over up to `parallel`
+/// L1s side by side (see [`shard::shard_plan`]). Records each boot in `boots` and prints
+/// each lab failure at once. Returns (index, outcome) pairs and the first shard's report.
+fn lab_round(
+    cfg: &lab::LabConfig,
+    specs: &[GuestSpec],
+    indices: &[usize],
+    parallel: usize,
+    attempt: usize,
+    boots: &mut Vec<LabBoot>,
+) -> Result<(Vec<(usize, GuestOutcome)>, LabReport), HarnessError> {
+    let shards = shard::shard_plan(specs, indices, parallel);
+    let several = shards.len() > 1;
+    let results: Vec<Result<(Vec<GuestOutcome>, LabReport), HarnessError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .iter()
+                .enumerate()
+                .map(|(k, shard)| {
+                    let mut cfg = cfg.clone();
+                    if several {
+                        cfg.label = format!("lab{}", k + 1);
+                    }
+                    let subset: Vec<GuestSpec> = shard.iter().map(|&i| specs[i].clone()).collect();
+                    scope.spawn(move || lab::run(&cfg, &subset))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(HarnessError::Lab("a lab thread panicked".to_string()))
+                    })
+                })
+                .collect()
+        });
+    let mut outcomes = Vec::with_capacity(indices.len());
+    let mut first_report = None;
+    for (k, (shard, result)) in shards.iter().zip(results).enumerate() {
+        let (shard_outcomes, report) = result?;
+        let label = if several {
+            format!("lab{}", k + 1)
+        } else {
+            cfg.label.clone()
+        };
+        let boot = LabBoot {
+            label,
+            attempt,
+            guests: shard_outcomes.iter().map(|o| o.name.clone()).collect(),
+            total_ms: report.total_ms,
+            failures: shard_outcomes
+                .iter()
+                .filter_map(|o| o.lab_failure().map(|f| (o.name.clone(), f)))
+                .collect(),
+            displaced: shard_outcomes
+                .iter()
+                .filter(|o| o.lab_failure().is_none() && o.needs_another_lab())
+                .map(|o| o.name.clone())
+                .collect(),
+        };
+        for (guest, failure) in &boot.failures {
+            let line = format!(
+                "harness: LAB FAILURE: {failure} under guest '{guest}' ({} of attempt {attempt}; \
+                 {} guest(s) displaced to another boot)",
+                boot.label,
+                boot.displaced.len()
+            );
+            say_uncaptured(&line);
+            log_lab(&line);
+        }
+        boots.push(boot);
+        first_report.get_or_insert(report);
+        outcomes.extend(shard.iter().copied().zip(shard_outcomes));
+    }
+    outcomes.sort_by_key(|(i, _)| *i);
+    let report = first_report.ok_or_else(|| HarnessError::Lab("no lab boot ran".to_string()))?;
+    Ok((outcomes, report))
 }
 
 #[cfg(test)]

@@ -15,10 +15,10 @@
 #[path = "blkswarm-bench/many.rs"]
 mod many;
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use harness::qemu_l2::{qemu_argv, ship_qemu, QemuPaths};
 use harness::{paths, GuestOutcome, GuestSpec, Mode, Runner};
 
 const USAGE: &str = "\
@@ -56,11 +56,6 @@ BLKSWARM_CACHE, BLKSWARM_BIN, BLKSWARM_QEMU (the L1 QEMU, also the QEMU measured
 BLKSWARM_QEMU_FIRMWARE (directory with qboot.rom; default <qemu>/../share/qemu).
 Exit status: 0 when every VMM that ran completed every fio job, else 1; 2 bad usage.";
 
-/// Where QEMU and its firmware go inside L1.
-const LAB_QEMU: &str = "/lab/bench/qemu-system-x86_64";
-const LAB_QEMU_FIRMWARE: &str = "/lab/bench/qemu-firmware";
-/// Firmware files QEMU needs for qboot + direct kernel boot (no VGA, no NIC ROMs).
-const QEMU_FIRMWARE_FILES: [&str; 3] = ["qboot.rom", "linuxboot_dma.bin", "kvmvapic.bin"];
 /// Time a guest gets on top of the fio runtime: L2 boot (8-13 s in the lab), fio setup,
 /// result lines, power-off, with a wide margin for a slow lab.
 const GUEST_OVERHEAD: Duration = Duration::from_secs(150);
@@ -296,15 +291,6 @@ impl Vmm {
     }
 }
 
-/// Where the QEMU that is measured, its firmware and the guest files are, as the
-/// command sees them (host paths in direct mode, L1 paths in the lab).
-struct QemuPaths {
-    qemu: String,
-    firmware: String,
-    kernel: String,
-    initramfs: String,
-}
-
 impl Cli {
     /// The guest: same scenario, command line, vCPUs and memory for both VMMs.
     fn guest(&self, name: String, qd: u32) -> GuestSpec {
@@ -375,59 +361,6 @@ impl Cli {
         let argv = qemu_argv(p, self.cpus, self.memory_mib, &guest, &disks);
         guest.custom_command(argv)
     }
-}
-
-/// QEMU as the L2 VMM: KVM, qboot, direct kernel boot of `guest`'s command line.
-fn qemu_argv(
-    p: &QemuPaths,
-    cpus: u32,
-    memory_mib: u64,
-    guest: &GuestSpec,
-    disks: &[String],
-) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        p.qemu.as_str(),
-        "-L",
-        &p.firmware,
-        "-bios",
-        "qboot.rom",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-smp",
-        &cpus.to_string(),
-        "-m",
-        &memory_mib.to_string(),
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-        "-vga",
-        "none",
-        "-kernel",
-        &p.kernel,
-        "-initrd",
-        &p.initramfs,
-        "-append",
-        &guest.kernel_cmdline(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend(disks.iter().cloned());
-    argv
-}
-
-fn firmware_dir(qemu: &Path) -> PathBuf {
-    if let Some(d) = std::env::var_os("BLKSWARM_QEMU_FIRMWARE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    let real = qemu.canonicalize().unwrap_or_else(|_| qemu.to_path_buf());
-    real.parent()
-        .and_then(Path::parent)
-        .map(|prefix| prefix.join("share/qemu"))
-        .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"))
 }
 
 /// One measured row.
@@ -603,60 +536,6 @@ fn report(cli: &Cli, rows: &[Row]) -> String {
         }
     }
     s
-}
-
-/// In the lab, ships QEMU, its firmware (and the guest files when no blkswarm guest
-/// runs) into L1; says where the measured QEMU and the guest files are.
-fn ship_qemu(
-    mut runner: Runner,
-    skip_qemu: bool,
-    skip_blkswarm: bool,
-) -> Result<(Runner, Option<QemuPaths>), String> {
-    let p = runner.paths().clone();
-    let lab = runner.mode() == Mode::Lab;
-    let mut qemu_paths = None;
-    if !skip_qemu {
-        let qemu = paths::find_qemu()?;
-        let fw = firmware_dir(&qemu);
-        for f in QEMU_FIRMWARE_FILES {
-            if !fw.join(f).is_file() {
-                return Err(format!(
-                    "QEMU firmware {} missing (set BLKSWARM_QEMU_FIRMWARE)",
-                    fw.join(f).display()
-                ));
-            }
-        }
-        qemu_paths = Some(if lab {
-            runner = runner
-                .lab_binary(LAB_QEMU, &qemu)
-                .map_err(|e| e.to_string())?;
-            for f in QEMU_FIRMWARE_FILES {
-                runner = runner.lab_file(format!("{LAB_QEMU_FIRMWARE}/{f}"), fw.join(f));
-            }
-            if skip_blkswarm {
-                // Without a blkswarm guest the harness ships no guest files: add them.
-                runner = runner
-                    .lab_file(harness::lab::LAB_KERNEL, p.guest_kernel())
-                    .lab_file(harness::lab::LAB_INITRAMFS, p.guest_initramfs());
-            }
-            QemuPaths {
-                qemu: LAB_QEMU.into(),
-                firmware: LAB_QEMU_FIRMWARE.into(),
-                kernel: harness::lab::LAB_KERNEL.into(),
-                initramfs: harness::lab::LAB_INITRAMFS.into(),
-            }
-        } else {
-            let s = |p: PathBuf| p.to_string_lossy().into_owned();
-            QemuPaths {
-                qemu: s(qemu),
-                firmware: s(fw),
-                kernel: s(p.guest_kernel()),
-                initramfs: s(p.guest_initramfs()),
-            }
-        });
-    }
-
-    Ok((runner, qemu_paths))
 }
 
 fn run(cli: &Cli) -> Result<bool, String> {
