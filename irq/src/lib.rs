@@ -9,9 +9,11 @@ pub mod intx;
 pub mod line;
 pub mod msi;
 pub mod msix;
+pub mod recent;
 pub mod routing;
 
 pub use intx::{IntxLine, IntxResampler, IntxSource, KvmIntxOps};
 pub use line::{IrqLine, LineTrigger};
 pub use msi::{MsiMessage, MsiPath, MsiVector};
+pub use recent::{InterruptSource, RecentInterrupt, RecentInterrupts};
 pub use routing::{GsiRouter, KvmIrqOps, KvmMsiVector};

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -21,6 +22,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::msi::{MsiMessage, MsiPath, MsiVector};
+use crate::recent::{InterruptSource, RecentInterrupts};
 
 /// KVM's limit on routing-table entries per VM (KVM_MAX_IRQ_ROUTES).
 pub const KVM_MAX_ROUTES: usize = kvm_bindings::KVM_MAX_IRQ_ROUTES;
@@ -96,6 +98,8 @@ pub struct GsiRouter {
     /// The generation KVM has. Vectors configured at or before it can use their irqfd.
     committed_generation: AtomicU64,
     stats: RoutingStats,
+    /// Every injection is recorded here, by destination, for fault dumps.
+    recent: Arc<RecentInterrupts>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,8 +150,22 @@ pub fn legacy_routes() -> Vec<kvm_irq_routing_entry> {
 }
 
 impl GsiRouter {
-    /// A router that may hand out up to `max_routes - LEGACY_ROUTES` MSI routes.
+    /// A router that may hand out up to `max_routes - LEGACY_ROUTES` MSI routes, and keeps
+    /// no record of recent interrupts.
     pub fn new(ops: Arc<dyn KvmIrqOps>, max_routes: usize) -> Arc<Self> {
+        Self::with_recent_interrupts(
+            ops,
+            max_routes,
+            Arc::new(RecentInterrupts::new(0, Instant::now())),
+        )
+    }
+
+    /// Like [`GsiRouter::new`], recording every injection into `recent`.
+    pub fn with_recent_interrupts(
+        ops: Arc<dyn KvmIrqOps>,
+        max_routes: usize,
+        recent: Arc<RecentInterrupts>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ops,
             msi_route_budget: max_routes.saturating_sub(LEGACY_ROUTES),
@@ -159,6 +177,7 @@ impl GsiRouter {
             }),
             committed_generation: AtomicU64::new(0),
             stats: RoutingStats::default(),
+            recent,
         })
     }
 
@@ -335,8 +354,20 @@ impl MsiVector for KvmMsiVector {
                     .map(|()| MsiPath::SignalMsi)
             }
         };
-        if result.is_err() {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
+        match result {
+            // Recorded when handed to KVM: see `recent` for what this does and does not see.
+            Ok(path) => {
+                let source = match (path, state.gsi) {
+                    (MsiPath::Irqfd, Some(gsi)) => InterruptSource::MsixIrqfd { gsi },
+                    _ => InterruptSource::SignalMsi,
+                };
+                self.router
+                    .recent
+                    .record(message.destination_apic_id(), message.vector(), source);
+            }
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         result
     }
@@ -546,6 +577,40 @@ mod tests {
         assert_eq!(stats.signal_msi_injections.load(Ordering::Relaxed), 1);
         assert_eq!(stats.irqfd_injections.load(Ordering::Relaxed), 1);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn injections_are_recorded_toward_their_destination_with_their_path() {
+        let kvm = Arc::new(FakeKvm::default());
+        let recent = Arc::new(RecentInterrupts::new(4, std::time::Instant::now()));
+        let router =
+            GsiRouter::with_recent_interrupts(kvm.clone(), LEGACY_ROUTES + 1, recent.clone());
+        let routed = router.new_vector().unwrap();
+        let unrouted = router.new_vector().unwrap();
+        routed.configure(Some(message(2, 0x31))).unwrap();
+        unrouted.configure(Some(message(2, 0x32))).unwrap();
+        routed.inject().unwrap();
+        unrouted.inject().unwrap();
+        // Moved to APIC 3 (irqbalance): the next one is recorded there.
+        routed.configure(Some(message(3, 0x31))).unwrap();
+        routed.inject().unwrap();
+        let two: Vec<_> = recent
+            .recent(2)
+            .iter()
+            .map(|e| (e.vector, e.source))
+            .collect();
+        assert_eq!(
+            two,
+            [
+                (0x31, InterruptSource::MsixIrqfd { gsi: 24 }),
+                (0x32, InterruptSource::SignalMsi)
+            ]
+        );
+        assert_eq!(recent.recent(3).len(), 1);
+        // A masked vector sends nothing, so nothing is recorded.
+        routed.configure(None).unwrap();
+        routed.inject().unwrap();
+        assert_eq!(recent.recorded(3), 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod budget;
 mod config;
 mod cpuid;
 mod disks;
+mod fault_dump;
 mod layout;
 mod path_events;
 mod pci;

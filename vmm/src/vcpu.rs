@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::Bus;
+use irq::RecentInterrupts;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, BootEntry};
+use crate::fault_dump;
 use crate::layout;
 use crate::vm::VmExit;
 
@@ -364,6 +367,24 @@ pub struct VcpuContext {
     pub exits: Sender<VmExit>,
     /// Set for the boot vCPU: when the VMM was launched, to report the time to its first entry.
     pub launched: Option<Instant>,
+    /// Guest RAM, read (never written) by the fault dump.
+    pub memory: GuestMemoryMmap,
+    /// The interrupts sent toward each vCPU lately, printed by the fault dump.
+    pub recent_interrupts: Arc<RecentInterrupts>,
+}
+
+impl VcpuContext {
+    /// Prints what KVM knew about this vCPU (`@@vmm fault_dump` lines), before the VM exits.
+    fn dump_fault(&self, vcpu: &VcpuFd, exit: &str, details: &[String]) {
+        fault_dump::print(
+            self.index,
+            exit,
+            details,
+            vcpu,
+            &self.memory,
+            &self.recent_interrupts,
+        );
+    }
 }
 
 /// Runs the vCPU until the guest stops it or it fails; reports why on `ctx.exits`.
@@ -399,10 +420,11 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 ctx.mmio.write(addr, data);
             }
             Ok(VcpuExit::Shutdown) => {
+                ctx.dump_fault(&vcpu, "shutdown", &[]);
                 break VmExit::Fault {
                     vcpu: ctx.index,
                     cause: "triple fault (KVM_EXIT_SHUTDOWN)".into(),
-                }
+                };
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 break match kind {
@@ -419,6 +441,12 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
                 // `internal` member of the exit union.
                 let internal = unsafe { run.__bindgen_anon_1.internal };
+                let details = [fault_dump::internal_error_line(
+                    internal.suberror,
+                    internal.ndata,
+                    &internal.data,
+                )];
+                ctx.dump_fault(&vcpu, "internal_error", &details);
                 break VmExit::Fault {
                     vcpu: ctx.index,
                     cause: format!(
@@ -428,12 +456,16 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 };
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                let details = [format!(
+                    "fail_entry hardware_reason={reason:#x} host_cpu={cpu}"
+                )];
+                ctx.dump_fault(&vcpu, "fail_entry", &details);
                 break VmExit::Fault {
                     vcpu: ctx.index,
                     cause: format!(
                         "VM entry failed on host CPU {cpu}, hardware reason {reason:#x}"
                     ),
-                }
+                };
             }
             // A signal interrupted KVM_RUN; nothing to do but enter again.
             Ok(VcpuExit::Intr) => {}

@@ -8,7 +8,7 @@ use std::time::Instant;
 use devices::legacy::{power, serial, AcpiPowerDevice, PowerEvent, SerialConsole};
 use devices::nvme::GuestReset;
 use devices::Bus;
-use irq::{GsiRouter, IrqLine};
+use irq::{GsiRouter, IrqLine, RecentInterrupts};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -283,7 +283,13 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
     )
     .map_err(|e| VmError::Device(e.to_string()))?;
     let mut mmio = Bus::new();
-    let router = GsiRouter::new(vm.clone(), irq::routing::KVM_MAX_ROUTES);
+    // Keyed by APIC id, which is the vCPU index (cpuid::adjust_for_vcpu).
+    let recent_interrupts = Arc::new(RecentInterrupts::new(config.cpus.max as usize, launched));
+    let router = GsiRouter::with_recent_interrupts(
+        vm.clone(),
+        irq::routing::KVM_MAX_ROUTES,
+        recent_interrupts.clone(),
+    );
     let mut pci = PciSegment::new(vm.clone(), router, memory.clone(), &mut pio, &mut mmio)?;
     let io_threads = config.io_threads.unwrap_or_else(disks::default_io_threads);
     devices::latency::set_timing(config.timing);
@@ -377,6 +383,8 @@ pub fn run(config: &VmConfig, launched: Instant) -> Result<VmExit, VmError> {
             mmio: mmio.clone(),
             exits: exit_tx.clone(),
             launched: (index == 0).then_some(launched),
+            memory: memory.clone(),
+            recent_interrupts: recent_interrupts.clone(),
         };
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
