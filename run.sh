@@ -8,13 +8,20 @@
 # `bash run.sh s4 [more arguments]` reproduces S4 (writeback starved by a read flood on a slow
 # disk under mq-deadline; docs/s4-writeback-starvation.md); `bash run.sh s3` reproduces S3
 # (controller failure, ANA changes and a subsystem reset under fio verify on a multipath disk).
+# `bash run.sh stress [--runs N] [--vmm both] ...` runs the stress suite (fio at full rate on
+# 16 raw and 100 null disks, 4 NVMe controllers x 8 queues, a multipath disk through ANA
+# flips and a controller failure, 1000 disks booting) and prints its survival table, with
+# QEMU as the L2 VMM beside blkswarm on `--vmm both` (blkswarm-stress --help).
 # See `bash run.sh --help`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 bash guests/build.sh >&2
 cargo build --release --locked -p blkswarm -p blkswarm-tests --bins >&2
-if [ "${1:-}" = s4 ]; then
+if [ "${1:-}" = stress ]; then
+    shift
+    exec target/release/blkswarm-stress "$@"
+elif [ "${1:-}" = s4 ]; then
     # One 2-GiB null disk whose reads take 5 ms on average (p99 20 ms) and whose writes are
     # capped at 8 MB/s: a slow disk. Two readers keep 32 random reads each in flight on its
     # first half while a buffered writer puts 256 MiB into its second half and fsyncs.
@@ -26,7 +33,7 @@ if [ "${1:-}" = s4 ]; then
         "$@"
 elif [ "${1:-}" = s3 ]; then
     # Two controllers (A, B) of one NVM subsystem share a 64-MiB image; the guest runs fio
-    # with crc32c verify on the multipath disk for 40 s (QD 8, 300 writes/s) and prints
+    # with crc32c verify on the multipath disk for 40 s (QD 8, full rate) and prints
     # its paths' ANA states once a second. The host, through the control socket: A
     # inaccessible (4 s after the first disk), optimized again through 1.5 s of change
     # (8 s), fatal (13 s: the guest resets A at its 5-s I/O timeout), an NVM Subsystem
@@ -34,7 +41,7 @@ elif [ "${1:-}" = s3 ]; then
     shift
     a=0000:00:01.0
     set -- --scenario multipath --name s3 --cpus 2 --timeout 300 \
-        --cmdline "nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=40 blkswarm.rate_iops=300" \
+        --cmdline "nvme_core.io_timeout=5 blkswarm.iodepth=8 blkswarm.runtime=40" \
         --setup 'dd if=/dev/zero of={scratch}/shared.img bs=1M count=0 seek=64 2>/dev/null' \
         --arg=--nvme --arg='path={scratch}/shared.img,controllers=2,max_ioqpairs=2' \
         --ctl "0:ana pci=$a group=1 state=inaccessible" \

@@ -5,9 +5,9 @@
 # guests/build.sh.
 #
 # Kernel command line (guests/README.md has the full table):
-#   blkswarm.scenario=NAME   boot (default) | disks | disk-info | fio | pattern-write |
-#                            ro-check | probe | nvme-info (nvme-cli: id-ctrl, id-ns, list,
-#                            smart-log, get-feature -f 7, blk-mq map, vectors)
+#   blkswarm.scenario=NAME   boot (default) | disks | disk-info | fio | stress |
+#                            pattern-write | ro-check | probe | nvme-info (nvme-cli: id-ctrl,
+#                            id-ns, list, smart-log, get-feature -f 7, blk-mq map, vectors)
 #   blkswarm.expect=N        wait until N disks are visible (else wait for a plateau)
 #   blkswarm.timeout=S       give up waiting for disks after S seconds (default 60)
 #   blkswarm.exit=MODE       poweroff (default: `poweroff -f`) | reboot (`reboot -f`)
@@ -24,6 +24,10 @@
 #                   namespaces, several per subsystem: ANA groups spanning them)
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
 #                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
+#   stress: fio on every disk at once (one job per disk, one fio): blkswarm.stress=verify
+#           (default: randwrite + crc32c verify) | randrw (70 % reads) | both (verify, then
+#           randrw); blkswarm.stress_disks=N (the first N disks; default all); iodepth=
+#           (default 8) runtime= (default 60) size= (per disk, default 32m)
 #
 # Output: only result lines "@@guest key=value ..." (serial output is expensive in the
 # lab), ending with "@@guest done"; then the guest powers off. Whatever fails, "done"
@@ -62,6 +66,8 @@ HUNG_SECS=10
 RESET_AT=
 FIO_RATE_IOPS=0
 MP_WATCH=
+STRESS=verify
+STRESS_DISKS=
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -93,6 +99,8 @@ for w in $CMDLINE; do
         blkswarm.reset=*) RESET_AT=${w#*=} ;;
         blkswarm.rate_iops=*) FIO_RATE_IOPS=${w#*=} ;;
         blkswarm.mp_watch=*) MP_WATCH=${w#*=} ;;
+        blkswarm.stress=*) STRESS=${w#*=} ;;
+        blkswarm.stress_disks=*) STRESS_DISKS=${w#*=} ;;
     esac
 done
 
@@ -431,6 +439,133 @@ scenario_fio() {
     disk_accounting "$DISK"
 }
 
+# fio's size syntax (32m, 1g, 64MiB, 4096; k, m, g, t are powers of 1024 as fio reads
+# them) in bytes; 0 if it is not that.
+size_bytes() {
+    local v=$1 m=1
+    v=${v%[iI][bB]}; v=${v%[bB]}
+    case $v in
+        *[kK]) m=1024 ;;
+        *[mM]) m=1048576 ;;
+        *[gG]) m=1073741824 ;;
+        *[tT]) m=1099511627776 ;;
+    esac
+    v=${v%[kKmMgGtT]}
+    case $v in '' | *[!0-9]*) echo 0 ;; *) echo $((v * m)) ;; esac
+}
+
+# One stress phase, $1: verify | randrw, for $2 seconds at iodepth $3: one fio, one job
+# (a thread) per line "NAME BYTES" of /tmp/stress.disks, all at once, no group_reporting.
+# Prints the phase's summary line, one line per failed job and, if anything failed, fio's
+# first stderr line.
+stress_phase() {
+    local phase=$1 runtime=$2 qd=$3 n bytes rc
+    set -- --thread --output-format=json --output=/tmp/stress.json --ioengine=libaio \
+        --direct=1 --bs=4k "--iodepth=$qd" --time_based "--runtime=$runtime"
+    if [ "$phase" = verify ]; then
+        # fio 3.33 time_based: a write job reaches its verify phase only after issuing
+        # 2 x size (writes and backlog reads), and the last round's verify never runs (the
+        # runtime ends the job): verify_backlog reads back and checks every 32 blocks as
+        # soon as they are written (a 10-s run in the lab writes a few hundred per disk).
+        set -- "$@" --rw=randwrite --verify=crc32c --verify_backlog=32 --verify_fatal=1 \
+            --verify_state_save=0
+    else
+        set -- "$@" --rw=randrw --rwmixread=70
+    fi
+    while read -r n bytes; do
+        set -- "$@" "--name=$n" "--filename=/dev/$n" "--size=$bytes"
+    done </tmp/stress.disks
+    : >/tmp/stress.json
+    fio "$@" >/dev/null 2>/tmp/stress.err
+    rc=$?
+    flatten_json </tmp/stress.json >/tmp/stress.flat 2>/dev/null
+    # Per job (jobs.K.*): its name (the disk), errno, I/Os by direction and how long it ran.
+    # IOPS are I/Os over job_runtime: fio's read.iops of a time_based verify job is 0 (the
+    # read runtime is only counted after a verify phase, which the runtime's end skips). A
+    # verify job that read nothing back verified nothing: it fails too (error=no-reads).
+    awk -v phase="$phase" -v rc="$rc" -v want="$(wc -l </tmp/stress.disks)" '
+    {
+        eq = index($0, "="); k = substr($0, 1, eq - 1); v = substr($0, eq + 1)
+        if (k !~ /^jobs\.[0-9]+\./) next
+        j = k; sub(/^jobs\./, "", j); sub(/\..*/, "", j)
+        f = substr(k, length(j) + 7)
+        if (!(j in seen)) { seen[j] = 1; order[++n] = j }
+        if (f == "jobname") name[j] = v
+        else if (f == "error") err[j] = v
+        else if (f == "read.total_ios") rios[j] = v
+        else if (f == "write.total_ios") wios[j] = v
+        else if (f == "job_runtime") ms[j] = v
+    }
+    END {
+        for (i = 1; i <= n; i++) {
+            j = order[i]
+            r += rios[j]; w += wios[j]
+            if (ms[j] + 0 > 0) { ri += rios[j] * 1000 / ms[j]; wi += wios[j] * 1000 / ms[j] }
+            e = err[j] + 0 ? err[j] : ""
+            if (e == "" && phase == "verify" && rios[j] + 0 == 0) e = "no-reads"
+            if (e != "") bad[++failed] = "@@guest stress_failed=" name[j] " error=" e
+        }
+        verify = "none"
+        if (phase == "verify") verify = (rc == 0 && !failed && n == want) ? "ok" : "failed"
+        printf "@@guest stress_phase=%s fio_rc=%s jobs=%d jobs_ok=%d jobs_failed=%d", \
+            phase, rc, n, n - failed, failed
+        printf " read_ios=%.0f write_ios=%.0f read_iops=%.0f write_iops=%.0f verify=%s\n", \
+            r, w, ri, wi, verify
+        for (i = 1; i <= failed; i++) print bad[i]
+        exit (rc != 0 || failed || n != want)
+    }' /tmp/stress.flat ||
+        out "stress_fio_stderr=$(first_line /tmp/stress.err)"
+}
+
+# fio at full rate on every disk (or the first blkswarm.stress_disks) at once, one job per
+# disk in one fio: crc32c-verified random writes (verify), 70/30 random reads and writes
+# (randrw), or both in turn; then what the kernel logged and whether each disk still reads.
+scenario_stress() {
+    wait_disks
+    local runtime=${FIO_RUNTIME:-60} qd=8 size n sectors bytes failed=0
+    # blkswarm.iodepth=, if given; FIO_QD's default (1) is the fio scenario's.
+    case " $CMDLINE " in *" blkswarm.iodepth="*) qd=$FIO_QD ;; esac
+    case $STRESS in
+        verify | randrw | both) ;;
+        *) out "error=unknown-stress-mode"; return 0 ;;
+    esac
+    size=$(size_bytes "${FIO_SIZE:-32m}")
+    if [ "$size" -lt 4096 ]; then
+        out "error=bad-size size=$FIO_SIZE"
+        return 0
+    fi
+    : >/tmp/stress.disks
+    for n in $(list_disks | head -n "${STRESS_DISKS:-100000}"); do
+        # size per disk, capped at the disk's size, in whole 4-KiB blocks.
+        read -r sectors <"/sys/block/$n/size"
+        bytes=$((sectors * 512))
+        [ "$bytes" -le "$size" ] || bytes=$size
+        echo "$n $((bytes / 4096 * 4096))" >>/tmp/stress.disks
+    done
+    out "stress_mode=$STRESS"
+    out "stress_disks=$(wc -l </tmp/stress.disks)"
+    if [ ! -s /tmp/stress.disks ]; then
+        out "error=no-disk disk=none have=$(count_disks)"
+        return 0
+    fi
+    out "stress_runtime_s=$runtime"
+    case $STRESS in verify | both) stress_phase verify "$runtime" "$qd" ;; esac
+    case $STRESS in randrw | both) stress_phase randrw "$runtime" "$qd" ;; esac
+    # The whole ring buffer (100 disks log more than busybox reads by default).
+    dmesg -s 4194304 >/tmp/stress.dmesg 2>/dev/null
+    out "kernel_io_errors=$(grep -c 'I/O error\|critical' /tmp/stress.dmesg)"
+    out "kernel_resets=$(grep -c -i 'will reset\|reset controller\|resetting controller' /tmp/stress.dmesg)"
+    out "kernel_timeouts=$(grep -c -i 'timeout, ' /tmp/stress.dmesg)"
+    # Whatever fio met, every disk must serve I/O now.
+    while read -r n bytes; do
+        if ! dd "if=/dev/$n" of=/dev/null bs=65536 count=1 iflag=direct 2>/dev/null; then
+            failed=$((failed + 1))
+            out "stress_read_failed=$n"
+        fi
+    done </tmp/stress.disks
+    out "read_after_failed=$failed"
+}
+
 # Value of flattened key $1 in file $2 (empty if absent).
 json_get() { awk -v k="$1" 'index($0, k "=") == 1 { print substr($0, length(k) + 2); exit }' "$2"; }
 
@@ -727,7 +862,8 @@ scenario_multipath() {
     while kill -0 "$fiopid" 2>/dev/null; do
         n=$((n + 1))
         out "mp_sample=$n t_ms=$(($(uptime_ms) - start)) $(mp_paths)"
-        if [ -n "$RESET_AT" ] && [ "$n" -gt "${RESET_AT#*@}" ]; then
+        # By the clock, not the sample count: at full rate a sample takes longer than 1 s.
+        if [ -n "$RESET_AT" ] && [ $(($(uptime_ms) - start)) -ge $((${RESET_AT#*@} * 1000)) ]; then
             mp_guest_reset "${RESET_AT%@*}"
             RESET_AT=
         fi
@@ -772,6 +908,7 @@ main() {
         durability) scenario_durability ;;
         writeback-starvation) scenario_writeback_starvation ;;
         multipath) scenario_multipath ;;
+        stress) scenario_stress ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
         *) out "error=unknown-scenario" ;;

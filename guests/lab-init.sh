@@ -22,7 +22,16 @@
 #                                     compares sectors FIRST.. of PATH with
 #                                     blkswarm-pattern SEED (guests/pattern.sh)
 #
-# Output lines: "@@lab kvm=ok" | "@@lab error=REASON", "@@lab ready uptime_ms=N",
+# and, for L2 triple faults, L1's kernel trace of KVM (see "KVM tracing" below), which the
+# plan runs itself (not as guests):
+#
+#   lab_trace_clear                   empties the trace buffer (before each guest)
+#   lab_trace_dump NAME               prints "@@lab trace name=NAME # lines=..." and the
+#                                     buffer's last lines as "@@lab trace name=NAME LINE",
+#                                     then empties it
+#
+# Output lines: "@@lab kvm=ok" | "@@lab error=REASON", "@@lab tracing=on events=..." |
+# "@@lab tracing=off why=...", "@@lab ready uptime_ms=N",
 # guest-begin/guest-end pairs, "@@lab plan-end rc=N", "@@lab done"; then power-off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 
@@ -98,6 +107,90 @@ check_pattern() {
     return 1
 }
 
+# KVM tracing. On SVM, KVM re-initialises the vCPU at a SHUTDOWN intercept (an L2 triple
+# fault) before blkswarm sees KVM_EXIT_SHUTDOWN, so blkswarm's fault dump holds reset state;
+# the kvm:kvm_exit tracepoint fires before that and records the guest's rip. Only low-rate
+# events are traced (every exit would slow the lab under heavy I/O):
+#   kvm/kvm_exit           filtered to the SHUTDOWN exit (exit_reason == 0x7f, SVM's
+#                          SVM_EXIT_SHUTDOWN; if the kernel refuses the filter: every
+#                          exit, noisy and slower); its rip is the guest's at the exit, and
+#                          its intr_info SVM's EXITINTINFO, the event being delivered
+#                          (0x80000306: an exception, vector 6 = #UD)
+#   kvm/kvm_inj_exception  every exception KVM injects into L2
+#   kvm/kvm_inj_virq       only with blkswarm.lab_trace=virq on L1's command line: every
+#                          interrupt KVM injects (no vCPU number; the line's task names it)
+# blkswarm.lab_trace=0 turns tracing off. One per-CPU ring buffer of LAB_TRACE_KB KiB (old
+# entries are overwritten); lab_trace_dump prints at most LAB_TRACE_LINES lines: the last
+# ones, or, when a shutdown exit is in the buffer, those up to LAB_TRACE_AFTER lines past
+# the last one.
+LAB_TRACE_DIR= LAB_TRACE_KB=1024 LAB_TRACE_LINES=60 LAB_TRACE_AFTER=10
+
+lab_trace_setup() {
+    local mode=on w t ev events=
+    for w in $(cat /proc/cmdline); do
+        case $w in blkswarm.lab_trace=*) mode=${w#*=} ;; esac
+    done
+    case $mode in 0|off|no) lab "tracing=off why=cmdline"; return 0 ;; esac
+    t=/sys/kernel/tracing
+    [ -f "$t/trace" ] || mount -t tracefs tracefs "$t" 2>/dev/null
+    if [ ! -f "$t/trace" ]; then
+        mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+        t=/sys/kernel/debug/tracing
+    fi
+    if [ ! -f "$t/trace" ]; then lab "tracing=off why=no-tracefs"; return 0; fi
+    if [ ! -d "$t/events/kvm/kvm_exit" ]; then lab "tracing=off why=no-kvm-events"; return 0; fi
+    echo "$LAB_TRACE_KB" >"$t/buffer_size_kb" 2>/dev/null || lab "tracing-note buffer_size_kb=refused"
+    if echo 'exit_reason == 127' >"$t/events/kvm/kvm_exit/filter" 2>/dev/null; then
+        ev="kvm_exit(exit_reason==0x7f)"
+    else
+        ev="kvm_exit(unfiltered)"
+    fi
+    echo 1 >"$t/events/kvm/kvm_exit/enable" 2>/dev/null && events=$ev
+    echo 1 >"$t/events/kvm/kvm_inj_exception/enable" 2>/dev/null && events="$events${events:+,}kvm_inj_exception"
+    if [ "$mode" = virq ]; then
+        echo 1 >"$t/events/kvm/kvm_inj_virq/enable" 2>/dev/null && events="$events${events:+,}kvm_inj_virq"
+    fi
+    if [ -z "$events" ]; then lab "tracing=off why=enable-refused"; return 0; fi
+    echo 1 >"$t/tracing_on" 2>/dev/null
+    : >"$t/trace" 2>/dev/null
+    LAB_TRACE_DIR=$t
+    lab "tracing=on events=$events buffer_kb=$(cat "$t/buffer_size_kb" 2>/dev/null) dir=$t"
+}
+
+lab_trace_clear() {
+    [ -n "$LAB_TRACE_DIR" ] || return 0
+    : >"$LAB_TRACE_DIR/trace" 2>/dev/null
+    return 0
+}
+
+lab_trace_dump() {
+    local name=$1
+    if [ -z "$LAB_TRACE_DIR" ]; then
+        lab "trace name=$name # tracing off"
+        return 0
+    fi
+    awk -v name="$name" -v max="$LAB_TRACE_LINES" -v after="$LAB_TRACE_AFTER" '
+        $0 ~ /^#/ {
+            if ($0 ~ /entries-in-buffer/) { e = $0; sub(/.*written: */, "", e); sub(/[ \t].*/, "", e) }
+            next
+        }
+        {
+            sub(/^[ \t]+/, "")
+            if ($0 == "") next
+            n++; l[n] = $0
+            if ($0 ~ / kvm_exit: .*reason shutdown/) { s++; last = n }
+        }
+        END {
+            end = n
+            if (last > 0 && end > last + after) end = last + after
+            start = end - max + 1
+            if (start < 1) start = 1
+            printf "@@lab trace name=%s # lines=%d shown=%d shutdown_exits=%d entries_in_buffer/written=%s\n", name, n, end - start + 1, s, (e == "" ? "?" : e)
+            for (i = start; i <= end; i++) printf "@@lab trace name=%s %s\n", name, l[i]
+        }' "$LAB_TRACE_DIR/trace"
+    lab_trace_clear
+}
+
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -132,6 +225,7 @@ else
 fi
 
 ulimit -n 65536 2>/dev/null || lab "error=ulimit-n"
+lab_trace_setup
 lab "ready uptime_ms=$(now_ms)"
 
 if [ -f /lab/plan.sh ]; then

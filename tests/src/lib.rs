@@ -28,6 +28,7 @@ pub mod qemu_l2;
 pub mod report;
 pub mod shard;
 pub mod shell;
+pub mod stress;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -384,13 +385,21 @@ pub fn guest_with_ctl(
             )
         })
         .collect();
+    // With no request to send, nothing waits for the guest's first disk line.
+    let wait_for_disk = if requests.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
+             sleep 4\n"
+        )
+    };
     let script = format!(
         "mkdir -p {dir}; rm -f {dir}/out {dir}/answers\n\
          {setup}\n\
          {vmm} >{dir}/out 2>&1 &\n\
          pid=$!\n\
-         i=0; while ! grep -q '@@guest disk=' {dir}/out && [ $i -lt 150 ]; do sleep 1; i=$((i + 1)); done\n\
-         sleep 4\n\
+         {wait_for_disk}\
          {ctl}\
          wait $pid; rc=$?\n\
          cat {dir}/out {dir}/answers\n\
@@ -539,7 +548,9 @@ impl GuestOutcome {
         );
     }
 
-    pub(crate) fn new(name: &str, mode: Mode) -> GuestOutcome {
+    /// An outcome with nothing in it yet (the harness fills it; tests of code that reads
+    /// outcomes build their own).
+    pub fn new(name: &str, mode: Mode) -> GuestOutcome {
         GuestOutcome {
             name: name.to_string(),
             mode,
@@ -783,6 +794,9 @@ pub struct Runner {
     lab_boot_timeout: Duration,
     verbose: bool,
     lab_files: Vec<(String, PathBuf)>,
+    retry_lab_failures: bool,
+    lab_attempts: usize,
+    lab_log: bool,
 }
 
 static ANNOUNCE: Once = Once::new();
@@ -832,6 +846,9 @@ impl Runner {
             lab_boot_timeout: Duration::from_secs(120),
             verbose: verbose_from_env(),
             lab_files: Vec::new(),
+            retry_lab_failures: true,
+            lab_attempts: LAB_ATTEMPTS,
+            lab_log: true,
         })
     }
 
@@ -865,6 +882,27 @@ impl Runner {
     /// How long L1 may take to print `@@lab ready` (default 120 s).
     pub fn lab_boot_timeout(mut self, timeout: Duration) -> Self {
         self.lab_boot_timeout = timeout;
+        self
+    }
+
+    /// Whether a guest the lab failed runs again in a new L1 boot (default: yes). A survival
+    /// count (the stress suite) turns it off: each failure is then that run's outcome, and
+    /// only the guests a failure kept from starting run again.
+    pub fn retry_lab_failures(mut self, on: bool) -> Self {
+        self.retry_lab_failures = on;
+        self
+    }
+
+    /// At most this many rounds of L1 boots (default [`LAB_ATTEMPTS`]; 1: no rerun at all).
+    pub fn lab_attempts(mut self, rounds: usize) -> Self {
+        self.lab_attempts = rounds.max(1);
+        self
+    }
+
+    /// Whether the run's lab failures and summary go to `BLKSWARM_LAB_LOG` (default yes;
+    /// the harness's self-test, which kills L1 on purpose, says no).
+    pub fn lab_log(mut self, on: bool) -> Self {
+        self.lab_log = on;
         self
     }
 
@@ -960,7 +998,9 @@ impl Runner {
                 let started = std::time::Instant::now();
                 let mut boots = Vec::new();
                 let all: Vec<usize> = (0..specs.len()).collect();
-                let (first, first_report) = lab_round(&cfg, specs, &all, parallel, 1, &mut boots)?;
+                let log = self.lab_log;
+                let (first, first_report) =
+                    lab_round(&cfg, specs, &all, parallel, 1, log, &mut boots)?;
                 let mut outcomes: Vec<GuestOutcome> =
                     first.into_iter().map(|(_, outcome)| outcome).collect();
                 // Failures of the lab rather than of the guests, seen under TCG's emulated
@@ -975,9 +1015,13 @@ impl Runner {
                 // repeats on every boot is reported with its last outcome. Every failure is
                 // counted in the lab report and printed, whatever the retry gave.
                 let mut history: Vec<Vec<String>> = vec![Vec::new(); outcomes.len()];
-                for attempt in 2..=LAB_ATTEMPTS {
+                for attempt in 2..=self.lab_attempts {
+                    let again = |o: &GuestOutcome| {
+                        o.needs_another_lab()
+                            && (self.retry_lab_failures || o.lab_failure().is_none())
+                    };
                     let flaky: Vec<usize> = (0..outcomes.len())
-                        .filter(|&i| outcomes[i].needs_another_lab())
+                        .filter(|&i| again(&outcomes[i]))
                         .collect();
                     if flaky.is_empty() {
                         break;
@@ -992,13 +1036,14 @@ impl Runner {
                     };
                     say_uncaptured(&format!(
                         "harness: lab failure (L1 died or hung, or L2 triple fault) in {names:?}; \
-                         running {} again in a new L1 boot (attempt {attempt} of {LAB_ATTEMPTS})",
-                        if alone { "them" } else { "the plan" }
+                         running {} again in a new L1 boot (attempt {attempt} of {})",
+                        if alone { "them" } else { "the plan" },
+                        self.lab_attempts
                     ));
                     let (retried, _) =
-                        lab_round(&cfg, specs, &rerun, parallel, attempt, &mut boots)?;
+                        lab_round(&cfg, specs, &rerun, parallel, attempt, log, &mut boots)?;
                     for (i, retried) in retried {
-                        if !outcomes[i].needs_another_lab() {
+                        if !again(&outcomes[i]) {
                             continue;
                         }
                         // One line: the console tail of a lost guest holds lines of
@@ -1029,7 +1074,9 @@ impl Runner {
                 let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
                 let summary = format!("harness: lab run of {names:?}: {}", report.summary());
                 say_uncaptured(&summary);
-                log_lab(&summary);
+                if log {
+                    log_lab(&summary);
+                }
                 Ok((outcomes, Some(report)))
             }
         }
@@ -1045,6 +1092,7 @@ fn lab_round(
     indices: &[usize],
     parallel: usize,
     attempt: usize,
+    log: bool,
     boots: &mut Vec<LabBoot>,
 ) -> Result<(Vec<(usize, GuestOutcome)>, LabReport), HarnessError> {
     let shards = shard::shard_plan(specs, indices, parallel);
@@ -1097,14 +1145,25 @@ fn lab_round(
                 .collect(),
         };
         for (guest, failure) in &boot.failures {
+            // L1's trace of the shutdown exit (guests/lab-init.sh) holds the faulting RIP
+            // that KVM's reset of the vCPU wiped from blkswarm's own dump.
+            let exit = shard_outcomes
+                .iter()
+                .find(|o| &o.name == guest)
+                .and_then(|o| o.console.lines().find(|l| l.contains("kvm_exit: ")))
+                .and_then(|l| l.split_once("kvm_exit: "))
+                .map(|(_, exit)| format!("; L1 traced: {}", exit.trim()))
+                .unwrap_or_default();
             let line = format!(
                 "harness: LAB FAILURE: {failure} under guest '{guest}' ({} of attempt {attempt}; \
-                 {} guest(s) displaced to another boot)",
+                 {} guest(s) displaced to another boot){exit}",
                 boot.label,
                 boot.displaced.len()
             );
             say_uncaptured(&line);
-            log_lab(&line);
+            if log {
+                log_lab(&line);
+            }
         }
         boots.push(boot);
         first_report.get_or_insert(report);

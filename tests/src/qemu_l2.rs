@@ -7,6 +7,15 @@ use std::path::{Path, PathBuf};
 
 use crate::{paths, GuestSpec, Mode, Runner};
 
+/// Devices per PCI bridge: slots 1..=31 (slot 0 left free, as on a real bridge with SHPC).
+pub const DISKS_PER_BRIDGE: u32 = 31;
+/// First slot on pci.0 for bridges (pc machine: 0 host bridge, 1 PIIX3).
+pub const FIRST_BRIDGE_SLOT: u32 = 2;
+/// Bridges that fit on pci.0 (slots 2..=31).
+pub const MAX_BRIDGES: u32 = 32 - FIRST_BRIDGE_SLOT;
+/// Largest QEMU layout built here.
+pub const MAX_QEMU_DISKS: u32 = MAX_BRIDGES * DISKS_PER_BRIDGE;
+
 /// Where QEMU and its firmware go inside L1.
 pub const LAB_QEMU: &str = "/lab/bench/qemu-system-x86_64";
 pub const LAB_QEMU_FIRMWARE: &str = "/lab/bench/qemu-firmware";
@@ -129,4 +138,42 @@ pub fn ship_qemu(
     }
 
     Ok((runner, qemu_paths))
+}
+
+/// QEMU's disks: `pci-bridge`s on pci.0, 31 `virtio-blk-pci` on each, `null-co` drives.
+pub fn qemu_disk_args(n: u32, queues: u32, size: &str) -> Result<Vec<String>, String> {
+    qemu_virtio_disks(n, queues, |_| format!("driver=null-co,size={size}"))
+}
+
+/// `n` `virtio-blk-pci` disks with `queues` queues behind `pci-bridge`s on pci.0 (31 a
+/// bridge); `drive(i)` gives disk i's `-drive` options (without `if` and `id`).
+pub fn qemu_virtio_disks(
+    n: u32,
+    queues: u32,
+    drive: impl Fn(u32) -> String,
+) -> Result<Vec<String>, String> {
+    if n > MAX_QEMU_DISKS {
+        return Err(format!(
+            "{n} disks: this QEMU layout holds at most {MAX_QEMU_DISKS} ({MAX_BRIDGES} bridges x {DISKS_PER_BRIDGE})"
+        ));
+    }
+    let mut v = Vec::new();
+    for i in 0..n {
+        let (br, slot) = (i / DISKS_PER_BRIDGE, i % DISKS_PER_BRIDGE + 1);
+        if slot == 1 {
+            v.push("-device".into());
+            v.push(format!(
+                "pci-bridge,id=br{br},chassis_nr={},bus=pci.0,addr={:#x}",
+                br + 1,
+                br + FIRST_BRIDGE_SLOT
+            ));
+        }
+        v.push("-drive".into());
+        v.push(format!("{},if=none,id=d{i}", drive(i)));
+        v.push("-device".into());
+        v.push(format!(
+            "virtio-blk-pci,drive=d{i},num-queues={queues},bus=br{br},addr={slot:#x}"
+        ));
+    }
+    Ok(v)
 }

@@ -1,28 +1,31 @@
 //! S4 (../shared/SCENARIOS.md) as `bash run.sh s4` runs it, shorter: a slow disk (reads
-//! delayed, writes under a bandwidth cap), mq-deadline in the guest, a random-read flood and a
-//! buffered writer that fsyncs. Checks that the scenario is what it claims (the scheduler
-//! really is mq-deadline, the detector's timeout was lowered, both directions were in flight
-//! while the flood ran) and that the host's report of the same run can be lined up against
-//! the guest's view: every request the guest's block layer completed was timed by the host,
-//! the injected delays are counted, and the disk has an in-flight series over time.
-//! Timings are printed, never asserted.
+//! delayed, writes under a bandwidth cap), mq-deadline in the guest, a random-read flood at
+//! full rate (2 jobs x QD 32, 30 s, 2 vCPUs) and a buffered writer that fsyncs. Checks that
+//! the scenario is what it claims (the scheduler really is mq-deadline, the detector's
+//! timeout was lowered, both directions were in flight while the flood ran) and that the
+//! host's report of the same run can be lined up against the guest's view: every request
+//! the guest's block layer completed was timed by the host, the injected delays are
+//! counted, and the disk has an in-flight series over time. Timings are printed, never
+//! asserted. The guest logs no hung-task warning here (docs/s4-writeback-starvation.md says
+//! why).
 
 use std::time::Duration;
 
 use harness::report::{guest_disk, requests_and_samples};
 use harness::{GuestOutcome, GuestSpec, Mode, SharedRun};
 
-/// Kept short and light: under TCG's emulated SVM, the heavier the I/O the likelier the lab
-/// itself dies (see `harness::LAB_ATTEMPTS`).
-const RUNTIME_SECS: u64 = 10;
+/// The flood's length: long enough for several hung-task checks (every HUNG_SECS).
+const RUNTIME_SECS: u64 = 30;
+/// The guest's hung-task timeout.
+const HUNG_SECS: u64 = 5;
 
 fn specs(_: Mode) -> Vec<GuestSpec> {
     vec![GuestSpec::new("s4", "writeback-starvation")
-        .cpus(1, 1)
-        .timeout(Duration::from_secs(180))
+        .cpus(2, 2)
+        .timeout(Duration::from_secs(300))
         .cmdline(&format!(
-            "blkswarm.iodepth=16 blkswarm.numjobs=1 blkswarm.runtime={RUNTIME_SECS} \
-             blkswarm.write_mb=48 blkswarm.hung_secs=5"
+            "blkswarm.iodepth=32 blkswarm.numjobs=2 blkswarm.runtime={RUNTIME_SECS} \
+             blkswarm.write_mb=128 blkswarm.hung_secs={HUNG_SECS}"
         ))
         .arg("--disk")
         .arg("backend=null,size=512M,num_queues=2,fault_read_latency=exp:20ms,fault_write_bandwidth=8M")]
@@ -53,7 +56,7 @@ fn samples(o: &GuestOutcome) -> Vec<&str> {
 fn the_guest_runs_the_scenario_it_claims() {
     let o = RUN.clean("s4");
     o.expect_result("s4_scheduler", "mq-deadline");
-    o.expect_result("s4_hung_task_timeout_secs", "5");
+    o.expect_result("s4_hung_task_timeout_secs", &HUNG_SECS.to_string());
     o.expect_result("s4_flood_rc", "0");
     let writer = o.get("s4_writer_rc").expect("s4_writer_rc");
     assert!(

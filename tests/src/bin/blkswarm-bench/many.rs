@@ -18,14 +18,7 @@ use std::time::{Duration, Instant};
 
 use harness::{GuestOutcome, GuestSpec};
 
-/// Devices per PCI bridge: slots 1..=31 (slot 0 left free, as on a real bridge with SHPC).
-pub const DISKS_PER_BRIDGE: u32 = 31;
-/// First slot on pci.0 for bridges (pc machine: 0 host bridge, 1 PIIX3).
-pub const FIRST_BRIDGE_SLOT: u32 = 2;
-/// Bridges that fit on pci.0 (slots 2..=31).
-pub const MAX_BRIDGES: u32 = 32 - FIRST_BRIDGE_SLOT;
-/// Largest QEMU layout built here.
-pub const MAX_QEMU_DISKS: u32 = MAX_BRIDGES * DISKS_PER_BRIDGE;
+pub use harness::qemu_l2::qemu_disk_args;
 /// Headroom left to the rest of the machine when QEMU's RSS is capped by default.
 const RSS_HEADROOM_KIB: u64 = 2 << 20;
 /// How often the child's RSS is sampled (it is also the cap's reaction time).
@@ -49,34 +42,6 @@ pub struct ManyCli {
     pub rss_cap_kib: Option<u64>,
     /// Per-guest timeout of the lab boot; None: from the disk count.
     pub boot_timeout: Option<Duration>,
-}
-
-/// QEMU's disks: `pci-bridge`s on pci.0, 31 `virtio-blk-pci` on each, `null-co` drives.
-pub fn qemu_disk_args(n: u32, queues: u32, size: &str) -> Result<Vec<String>, String> {
-    if n > MAX_QEMU_DISKS {
-        return Err(format!(
-            "{n} disks: this QEMU layout holds at most {MAX_QEMU_DISKS} ({MAX_BRIDGES} bridges x {DISKS_PER_BRIDGE})"
-        ));
-    }
-    let mut v = Vec::new();
-    for i in 0..n {
-        let (br, slot) = (i / DISKS_PER_BRIDGE, i % DISKS_PER_BRIDGE + 1);
-        if slot == 1 {
-            v.push("-device".into());
-            v.push(format!(
-                "pci-bridge,id=br{br},chassis_nr={},bus=pci.0,addr={:#x}",
-                br + 1,
-                br + FIRST_BRIDGE_SLOT
-            ));
-        }
-        v.push("-drive".into());
-        v.push(format!("driver=null-co,size={size},if=none,id=d{i}"));
-        v.push("-device".into());
-        v.push(format!(
-            "virtio-blk-pci,drive=d{i},num-queues={queues},bus=br{br},addr={slot:#x}"
-        ));
-    }
-    Ok(v)
 }
 
 /// What the blkswarm binary supports (from its `--help`).
@@ -622,7 +587,7 @@ mod tests {
                 .count(),
             17
         );
-        assert!(qemu_disk_args(MAX_QEMU_DISKS + 1, 2, "1G").is_err());
+        assert!(qemu_disk_args(harness::qemu_l2::MAX_QEMU_DISKS + 1, 2, "1G").is_err());
     }
 
     #[test]
