@@ -114,7 +114,9 @@ fn specs(mode: Mode) -> Vec<GuestSpec> {
         specs.push(
             GuestSpec::new(format!("kill_trial_{trial}"), "boot")
                 .timeout(Duration::from_secs(180))
-                .custom_command(["sh", "-c", &trial_script(mode, trial, delay_ms)]),
+                .custom_command(["sh", "-c", &trial_script(mode, trial, delay_ms)])
+                // Each trial makes its own image: the trials spread over the parallel L1s.
+                .self_contained(),
         );
     }
     specs
