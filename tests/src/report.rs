@@ -106,3 +106,44 @@ pub fn latency_comparison(outcome: &GuestOutcome) -> Option<Vec<String>> {
     }
     (!lines.is_empty()).then_some(lines)
 }
+
+/// S4 (docs/s4-writeback-starvation.md): the host's view of the guest's disk by direction,
+/// one line each for reads and writes side by side: requests published, their `total`
+/// latency (notification to interrupt), the most at the device at once and the age of the
+/// oldest the host held (sampled every 10 ms), and, when the guest sampled its block layer
+/// (`s4_sample` lines), the most it held in flight. `None` unless the report has numbers
+/// by direction (`latency_by_op`, docs/report.md) for both reads and writes.
+pub fn direction_comparison(outcome: &GuestOutcome) -> Option<Vec<String>> {
+    let disk = guest_disk(outcome).ok()?;
+    let by_op = disk["latency_by_op"].as_object()?;
+    let guest_samples = outcome.get_all("s4_sample");
+    let us = |ns: &Value| {
+        ns.as_f64()
+            .map_or("-".to_string(), |ns| format!("{:.1}", ns / 1e3))
+    };
+    let mut lines = Vec::new();
+    for (op, guest_key) in [("read", "inflight_reads"), ("write", "inflight_writes")] {
+        let host = by_op.get(op)?;
+        let total = &host["latency_ns"]["total"];
+        let mut line = format!(
+            "@@compare disk={} host_op={op} count={} host_total_p50_us={} host_total_p99_us={} \
+             host_total_max_us={} host_max_in_flight={} host_oldest_in_flight_max_ms={:.1}",
+            disk["pci"].as_str().unwrap_or("?"),
+            count(&host["count"]),
+            us(&total["p50"]),
+            us(&total["p99"]),
+            us(&total["max"]),
+            count(&host["max_in_flight"]),
+            host["max_oldest_in_flight_ms"].as_f64().unwrap_or(0.0)
+        );
+        let guest_max = guest_samples
+            .iter()
+            .filter_map(|sample| words(sample).get(guest_key)?.parse::<u64>().ok())
+            .max();
+        if let Some(guest_max) = guest_max {
+            line.push_str(&format!(" guest_max_inflight={guest_max}"));
+        }
+        lines.push(line);
+    }
+    Some(lines)
+}

@@ -14,7 +14,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::io::Faults;
-use devices::latency::{now_ns, InFlightSeries, Phase, PhaseHistograms, QueueLatency};
+use devices::latency::{
+    now_ns, HistogramsByOp, InFlightSeries, Op, OpHistograms, Phase, PhaseHistograms, QueueLatency,
+    OP_COUNT, OP_PHASES,
+};
 use devices::nvme::ana::AnaState;
 use devices::nvme::pci::NvmePciFunction;
 use devices::nvme::NvmeController;
@@ -105,6 +108,38 @@ pub struct SeriesReport {
     /// Milliseconds between samples; each is the deepest seen in its interval.
     pub interval_ms: f64,
     pub max_depth: Vec<u32>,
+    /// By direction name ("read", "write", "other"), for the directions the sampler saw at
+    /// the backend (timing on). Absent in reports of earlier versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_op: BTreeMap<String, OpSeriesReport>,
+}
+
+/// One direction of a queue's in-flight series, sample for sample with `max_depth` (each
+/// value the largest of the 10-ms ticks its interval covers). Both arrays end at the last
+/// sample that is not 0 in either: the samples after it are 0.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpSeriesReport {
+    /// Requests of this direction at the backend at a tick.
+    pub max_count: Vec<u32>,
+    /// Age of the oldest of them at a tick (now - notified), microseconds.
+    pub max_oldest_us: Vec<u32>,
+}
+
+/// One direction of a disk's requests (or of every disk's): the `backend` and `total`
+/// phases of those published, and the oldest the sampler saw at the backend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpReport {
+    /// Requests of this direction published (and timed).
+    pub count: u64,
+    /// By phase name (`backend`, `total`), as `latency_ns` of a queue; empty while none
+    /// was published.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_ns: BTreeMap<String, PhaseStats>,
+    /// The most requests of this direction at the backend at one 10-ms tick of one queue.
+    pub max_in_flight: u32,
+    /// The largest age of the oldest request of this direction at the backend, at any
+    /// tick of any queue (now - notified), milliseconds: how long one waited at least.
+    pub max_oldest_in_flight_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +186,10 @@ pub struct DiskReport {
     /// Vectors that carried interrupts or are unmasked; others are left out.
     pub vectors: Vec<VectorReport>,
     pub faults_injected: FaultReport,
+    /// By direction name ("read", "write", "other"; only those that occurred), every queue
+    /// summed. Absent in reports of earlier versions and with timing off.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_by_op: BTreeMap<String, OpReport>,
     /// NVMe only: controller fatal errors (CSTS.CFS), controller resets and NVM subsystem
     /// resets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,6 +232,10 @@ pub struct Report {
     pub interrupts: u64,
     /// Each phase over every queue of every disk.
     pub phases: BTreeMap<String, PhaseCdf>,
+    /// By direction, every queue of every disk (as `latency_by_op` of a disk). Absent in
+    /// reports of earlier versions and with timing off.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_by_op: BTreeMap<String, OpReport>,
     /// MSI-X interrupts of every disk by destination vCPU.
     pub interrupts_by_vcpu: BTreeMap<u32, u64>,
     pub disks: Vec<DiskReport>,
@@ -222,12 +265,120 @@ fn milliseconds(nanoseconds: u64) -> f64 {
     nanoseconds as f64 / 1e6
 }
 
-fn series_report(series: InFlightSeries) -> Option<SeriesReport> {
+/// One direction's series without its trailing zeros.
+fn op_series_report(series: &devices::latency::OpSeries) -> OpSeriesReport {
+    let pairs = series.max_count.iter().zip(&series.max_oldest_us);
+    let end = pairs
+        .clone()
+        .rposition(|(&count, &age)| count != 0 || age != 0)
+        .map_or(0, |last| last + 1);
+    OpSeriesReport {
+        max_count: series.max_count[..end].to_vec(),
+        max_oldest_us: series.max_oldest_us[..end].to_vec(),
+    }
+}
+
+fn series_report(series: &InFlightSeries) -> Option<SeriesReport> {
     (series.stride > 0).then(|| SeriesReport {
         start_ms: milliseconds(series.start_ns),
         interval_ms: SAMPLE_INTERVAL.as_secs_f64() * 1e3 * f64::from(series.stride),
-        max_depth: series.max_depth,
+        max_depth: series.max_depth.clone(),
+        by_op: Op::ALL
+            .iter()
+            .zip(&series.by_op)
+            .filter_map(|(op, series)| Some((op.name().to_string(), series.as_ref()?)))
+            .map(|(name, series)| (name, op_series_report(series)))
+            .collect(),
     })
+}
+
+/// Per-direction numbers of several queues (a disk's, or every disk's) added up.
+#[derive(Default)]
+struct OpTotals {
+    histograms: [Option<OpHistograms>; OP_COUNT],
+    max_in_flight: [u32; OP_COUNT],
+    max_oldest_us: [u32; OP_COUNT],
+}
+
+fn add_histograms(total: &mut Option<OpHistograms>, one: &OpHistograms) {
+    match total {
+        Some(total) => {
+            for (total, one) in total.iter_mut().zip(one.iter()) {
+                // Both auto-resize: adding cannot fail for lack of range.
+                let _ = total.add(one);
+            }
+        }
+        None => *total = Some(one.clone()),
+    }
+}
+
+impl OpTotals {
+    fn add_queue(&mut self, histograms: &HistogramsByOp, series: &InFlightSeries) {
+        for (total, one) in self.histograms.iter_mut().zip(histograms) {
+            if let Some(one) = one {
+                add_histograms(total, one);
+            }
+        }
+        for (index, series) in series.by_op.iter().enumerate() {
+            if let Some(series) = series {
+                let max = |values: &[u32]| values.iter().copied().max().unwrap_or(0);
+                self.max_in_flight[index] = self.max_in_flight[index].max(max(&series.max_count));
+                self.max_oldest_us[index] =
+                    self.max_oldest_us[index].max(max(&series.max_oldest_us));
+            }
+        }
+    }
+
+    fn add(&mut self, other: &OpTotals) {
+        for (total, one) in self.histograms.iter_mut().zip(&other.histograms) {
+            if let Some(one) = one {
+                add_histograms(total, one);
+            }
+        }
+        for index in 0..OP_COUNT {
+            self.max_in_flight[index] = self.max_in_flight[index].max(other.max_in_flight[index]);
+            self.max_oldest_us[index] = self.max_oldest_us[index].max(other.max_oldest_us[index]);
+        }
+    }
+
+    /// One entry per direction that was published or seen at the backend.
+    fn report(&self) -> BTreeMap<String, OpReport> {
+        Op::ALL
+            .iter()
+            .filter_map(|&op| {
+                let index = op.index();
+                let histograms = self.histograms[index].as_ref();
+                // Every published request adds one sample to each phase kept per direction.
+                let count = histograms.map_or(0, |histograms| {
+                    histograms.iter().map(Histogram::len).max().unwrap_or(0)
+                });
+                if count == 0 && self.max_in_flight[index] == 0 {
+                    return None;
+                }
+                let latency_ns = histograms
+                    .map(|histograms| {
+                        OP_PHASES
+                            .iter()
+                            .zip(histograms.iter())
+                            .filter(|(_, histogram)| !histogram.is_empty())
+                            .map(|(phase, histogram)| {
+                                (phase.name().to_string(), PhaseStats::of(histogram))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((
+                    op.name().to_string(),
+                    OpReport {
+                        count,
+                        latency_ns,
+                        max_in_flight: self.max_in_flight[index],
+                        max_oldest_in_flight_ms: f64::from(self.max_oldest_us[index]) / 1e3,
+                    },
+                ))
+            })
+            .collect()
+    }
 }
 
 fn latency_map(histograms: &PhaseHistograms) -> BTreeMap<String, PhaseStats> {
@@ -239,9 +390,16 @@ fn latency_map(histograms: &PhaseHistograms) -> BTreeMap<String, PhaseStats> {
         .collect()
 }
 
-fn queue_report(queue: &MeasuredQueue, merged: &mut Option<PhaseHistograms>) -> QueueReport {
+fn queue_report(
+    queue: &MeasuredQueue,
+    merged: &mut Option<PhaseHistograms>,
+    by_op: &mut OpTotals,
+) -> QueueReport {
     let counts = queue.latency.counts();
-    let histograms = queue.latency.histograms();
+    let all = queue.latency.queue_histograms();
+    let series = queue.latency.in_flight_series();
+    by_op.add_queue(&all.by_op, &series);
+    let histograms = all.phases;
     if let Some(histograms) = &histograms {
         match merged {
             Some(merged) => {
@@ -264,7 +422,7 @@ fn queue_report(queue: &MeasuredQueue, merged: &mut Option<PhaseHistograms>) -> 
         interrupts_coalesced: counts.interrupts_coalesced(),
         in_flight: counts.in_flight,
         latency_ns: histograms.as_deref().map(latency_map).unwrap_or_default(),
-        in_flight_series: series_report(queue.latency.in_flight_series()),
+        in_flight_series: series_report(&series),
     }
 }
 
@@ -288,6 +446,7 @@ fn vector_reports(msix: &Msix) -> Vec<VectorReport> {
 /// The report as of now.
 pub fn collect(disks: &[MeasuredDisk], timing: bool, path_events: &PathEvents) -> Report {
     let mut merged: Option<PhaseHistograms> = None;
+    let mut all_by_op = OpTotals::default();
     let mut interrupts_by_vcpu: BTreeMap<u32, u64> = BTreeMap::new();
     let disk_reports: Vec<DiskReport> = disks
         .iter()
@@ -306,14 +465,18 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool, path_events: &PathEvents) -
                     counts.requests > 0 || counts.in_flight > 0
                 })
                 .collect();
+            let mut by_op = OpTotals::default();
+            let queues = active
+                .iter()
+                .map(|queue| queue_report(queue, &mut merged, &mut by_op))
+                .collect();
+            all_by_op.add(&by_op);
             DiskReport {
                 pci: disk.address.to_string(),
                 kind: disk.kind,
                 idle_queues: disk.queues.len() - active.len(),
-                queues: active
-                    .into_iter()
-                    .map(|queue| queue_report(queue, &mut merged))
-                    .collect(),
+                queues,
+                latency_by_op: by_op.report(),
                 vectors,
                 controller: disk.nvme.as_ref().map(|function| {
                     let function = function.lock().unwrap_or_else(PoisonError::into_inner);
@@ -370,6 +533,7 @@ pub fn collect(disks: &[MeasuredDisk], timing: bool, path_events: &PathEvents) -
         requests,
         interrupts,
         phases,
+        latency_by_op: all_by_op.report(),
         interrupts_by_vcpu,
         disks: disk_reports,
         path_events: path_events.report(),
@@ -453,6 +617,7 @@ pub fn summary_lines(report: &Report) -> Vec<String> {
             .collect();
         lines.push(format!("@@vmm interrupts_by_vcpu {}", by_vcpu.join(" ")));
     }
+    lines.extend(latency_by_op_lines(report));
     let shown = report.path_events.len().min(SUMMARY_PATH_EVENTS);
     for event in &report.path_events[..shown] {
         lines.push(path_event_line(event));
@@ -462,6 +627,83 @@ pub fn summary_lines(report: &Report) -> Vec<String> {
         lines.push(format!("@@vmm path_events_not_shown={more}"));
     }
     lines
+}
+
+/// Disks whose per-direction latency the summary prints, at most: the busiest.
+const SUMMARY_OP_DISKS: usize = 8;
+/// ... of those with at least this many requests published, or a request that waited at
+/// the backend for at least [`SUMMARY_OP_MIN_OLDEST_MS`].
+const SUMMARY_OP_MIN_REQUESTS: u64 = 64;
+const SUMMARY_OP_MIN_OLDEST_MS: f64 = 1000.0;
+
+/// `@@vmm latency_by_op` lines: per direction, for each of the (at most
+/// [`SUMMARY_OP_DISKS`]) busiest disks that saw more than a handful of requests, and for
+/// every disk together (`disk=all`) when more than one disk has per-direction numbers.
+fn latency_by_op_lines(report: &Report) -> Vec<String> {
+    let requests =
+        |disk: &DiskReport| -> u64 { disk.latency_by_op.values().map(|op| op.count).sum() };
+    let mut busy: Vec<&DiskReport> = report
+        .disks
+        .iter()
+        .filter(|disk| {
+            requests(disk) >= SUMMARY_OP_MIN_REQUESTS
+                || disk
+                    .latency_by_op
+                    .values()
+                    .any(|op| op.max_oldest_in_flight_ms >= SUMMARY_OP_MIN_OLDEST_MS)
+        })
+        .collect();
+    busy.sort_by_key(|disk| std::cmp::Reverse(requests(disk)));
+    busy.truncate(SUMMARY_OP_DISKS);
+    let mut lines = Vec::new();
+    for disk in busy {
+        lines.extend(op_lines(&disk.pci, &disk.latency_by_op));
+    }
+    let disks_with_ops = report
+        .disks
+        .iter()
+        .filter(|disk| !disk.latency_by_op.is_empty())
+        .count();
+    if disks_with_ops > 1 {
+        lines.extend(op_lines("all", &report.latency_by_op));
+    }
+    lines
+}
+
+/// One line per direction, in [`Op::ALL`] order; without percentiles for a direction that
+/// was only seen in flight.
+fn op_lines(disk: &str, by_op: &BTreeMap<String, OpReport>) -> Vec<String> {
+    let us = |ns: u64| ns as f64 / 1e3;
+    Op::ALL
+        .iter()
+        .filter_map(|op| Some((op.name(), by_op.get(op.name())?)))
+        .map(|(name, op)| {
+            let mut line = format!(
+                "@@vmm latency_by_op disk={disk} op={name} count={}",
+                op.count
+            );
+            if let Some(total) = op.latency_ns.get(Phase::Total.name()) {
+                line.push_str(&format!(
+                    " p50_us={:.1} p99_us={:.1} max_us={:.1}",
+                    us(total.p50),
+                    us(total.p99),
+                    us(total.max)
+                ));
+            }
+            if let Some(backend) = op.latency_ns.get(Phase::Backend.name()) {
+                line.push_str(&format!(
+                    " backend_p50_us={:.1} backend_p99_us={:.1}",
+                    us(backend.p50),
+                    us(backend.p99)
+                ));
+            }
+            line.push_str(&format!(
+                " max_in_flight={} max_oldest_in_flight_ms={:.1}",
+                op.max_in_flight, op.max_oldest_in_flight_ms
+            ));
+            line
+        })
+        .collect()
 }
 
 /// Path events printed in the summary; the JSON report has up to `path_events::MAX_EVENTS`.
@@ -488,6 +730,7 @@ fn path_event_line(event: &PathEventReport) -> String {
 mod tests {
     use super::*;
     use devices::latency::{LatencyRecorder, RequestTimes};
+    use std::time::Duration;
 
     fn disk_with_requests(requests: u64) -> MeasuredDisk {
         let busy = Arc::new(QueueLatency::new());
@@ -643,5 +886,210 @@ mod tests {
         let json = serde_json::to_string(&report).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back.path_events_not_recorded, 3);
+    }
+
+    /// A virtio-blk disk whose one queue published `reads` reads of 50 us and `writes`
+    /// writes of 800 ms, and holds one write at the backend, notified `held_ms` ago.
+    fn disk_with_directions(device: u8, reads: u64, writes: u64, held_ms: u64) -> MeasuredDisk {
+        let queue = Arc::new(QueueLatency::new());
+        let mut recorder = LatencyRecorder::with_slots(queue.clone(), 8);
+        for (op, count, backend_ns) in [(Op::Read, reads, 50_000), (Op::Write, writes, 800_000_000)]
+        {
+            for _ in 0..count {
+                recorder.fetched();
+                let start = now_ns();
+                recorder.published(RequestTimes {
+                    op,
+                    notified: start,
+                    parsed: start + 500,
+                    submitted: start + 1_000,
+                    completed: start + 1_000 + backend_ns,
+                    ..RequestTimes::default()
+                });
+                recorder.batch_ended(true);
+            }
+        }
+        recorder.fetched();
+        // The clock may have started less than `held_ms` ago: wait until it can be that old.
+        while now_ns() < held_ms * 1_000_000 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        recorder.backend_started(
+            3,
+            &RequestTimes {
+                op: Op::Write,
+                notified: now_ns() - held_ms * 1_000_000,
+                ..RequestTimes::default()
+            },
+        );
+        queue.sample_in_flight();
+        // The recorder (the handler) lives on with the disk's queue; leak it for the test.
+        std::mem::forget(recorder);
+        MeasuredDisk {
+            address: PciAddress {
+                bus: 0,
+                device,
+                function: 0,
+            },
+            kind: DiskKind::VirtioBlk,
+            queues: vec![MeasuredQueue {
+                name: "q0".into(),
+                latency: queue,
+            }],
+            msix: None,
+            faults: Arc::new(Faults::default()),
+            nvme: None,
+            subsystem_nqn: None,
+        }
+    }
+
+    #[test]
+    fn each_direction_is_reported_per_disk_and_for_every_disk() {
+        let report = collect(
+            &[
+                disk_with_directions(1, 100, 4, 30),
+                disk_with_directions(2, 10, 1, 20),
+            ],
+            true,
+            &PathEvents::new(&[]),
+        );
+        let disk = &report.disks[0];
+        assert_eq!(
+            disk.latency_by_op.keys().collect::<Vec<_>>(),
+            ["read", "write"],
+            "only the directions that occurred"
+        );
+        let (reads, writes) = (&disk.latency_by_op["read"], &disk.latency_by_op["write"]);
+        assert_eq!((reads.count, writes.count), (100, 4));
+        assert!(reads.latency_ns["backend"].max < 1_000_000);
+        assert!(writes.latency_ns["backend"].min >= 790_000_000);
+        assert!(writes.latency_ns["total"].count == 4);
+        assert_eq!((reads.max_in_flight, writes.max_in_flight), (0, 1));
+        assert!(writes.max_oldest_in_flight_ms >= 30.0, "{writes:?}");
+        assert_eq!(reads.max_oldest_in_flight_ms, 0.0);
+        // Every disk: counts added, the oldest the larger.
+        let all = &report.latency_by_op;
+        assert_eq!((all["read"].count, all["write"].count), (110, 5));
+        assert_eq!(
+            all["write"].max_oldest_in_flight_ms,
+            writes.max_oldest_in_flight_ms
+        );
+        // The series of the held write; reads were never at the backend at a tick.
+        let series = disk.queues[0].in_flight_series.as_ref().unwrap();
+        assert_eq!(series.by_op.keys().collect::<Vec<_>>(), ["write"]);
+        assert_eq!(series.by_op["write"].max_count, [1]);
+        // Unchanged fields stay as they were.
+        assert_eq!(disk.queues[0].latency_ns["total"].count, 104);
+        assert_eq!(report.phases["total"].stats.count, 115);
+
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+
+        let lines = summary_lines(&report);
+        let by_op: Vec<&String> = lines
+            .iter()
+            .filter(|line| line.starts_with("@@vmm latency_by_op "))
+            .collect();
+        // Disk 1 saw more than a handful of requests, disk 2 did not; then every disk.
+        let heads: Vec<String> = by_op
+            .iter()
+            .map(|line| line.split(" count=").next().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                "@@vmm latency_by_op disk=0000:00:01.0 op=read",
+                "@@vmm latency_by_op disk=0000:00:01.0 op=write",
+                "@@vmm latency_by_op disk=all op=read",
+                "@@vmm latency_by_op disk=all op=write",
+            ]
+        );
+        assert!(
+            by_op[1].starts_with("@@vmm latency_by_op disk=0000:00:01.0 op=write count=4 p50_us="),
+            "{}",
+            by_op[1]
+        );
+        for key in [
+            "p99_us=",
+            "max_us=",
+            "backend_p50_us=8",
+            "max_in_flight=1 ",
+            "max_oldest_in_flight_ms=",
+        ] {
+            assert!(by_op[1].contains(key), "{key} in {}", by_op[1]);
+        }
+    }
+
+    #[test]
+    fn a_direction_only_seen_waiting_has_no_percentiles() {
+        let report = collect(
+            &[disk_with_directions(1, 0, 0, 1500)],
+            true,
+            &PathEvents::new(&[]),
+        );
+        let writes = &report.disks[0].latency_by_op["write"];
+        assert_eq!((writes.count, writes.max_in_flight), (0, 1));
+        assert!(writes.latency_ns.is_empty());
+        let lines = summary_lines(&report);
+        let line = lines
+            .iter()
+            .find(|line| line.starts_with("@@vmm latency_by_op "))
+            .expect("a write that waited for seconds is worth a line");
+        assert!(
+            line.starts_with("@@vmm latency_by_op disk=0000:00:01.0 op=write count=0 max_in_flight=1 max_oldest_in_flight_ms=15"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn reports_without_directions_still_load() {
+        let mut report = collect(&[disk_with_requests(3)], true, &PathEvents::new(&[]));
+        assert!(
+            report.latency_by_op.contains_key("other"),
+            "RequestTimes' default"
+        );
+        report.latency_by_op.clear();
+        report.disks[0].latency_by_op.clear();
+        if let Some(series) = report.disks[0].queues[0].in_flight_series.as_mut() {
+            series.by_op.clear();
+        }
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(!json.contains("latency_by_op") && !json.contains("by_op"));
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn direction_series_drop_their_trailing_zeros() {
+        let series = devices::latency::OpSeries {
+            max_count: vec![0, 2, 1, 0, 0],
+            max_oldest_us: vec![0, 40, 0, 0, 0],
+        };
+        let report = op_series_report(&series);
+        assert_eq!(report.max_count, [0, 2, 1]);
+        assert_eq!(report.max_oldest_us, [0, 40, 0]);
+        assert_eq!(
+            op_series_report(&devices::latency::OpSeries::default()),
+            OpSeriesReport::default()
+        );
+    }
+
+    #[test]
+    fn the_by_direction_plot_is_drawn_when_a_queue_has_direction_series() {
+        let report = collect(
+            &[disk_with_directions(1, 5, 2, 40)],
+            true,
+            &PathEvents::new(&[]),
+        );
+        let dir = std::env::temp_dir().join(format!("blkswarm-by-op-{}", std::process::id()));
+        let files = crate::plots::render(&report, &dir).unwrap();
+        assert!(
+            files.contains(&dir.join("in_flight_by_op.svg")),
+            "{files:?}"
+        );
+        let svg = std::fs::read_to_string(dir.join("in_flight_by_op.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("0000:00:01.0 q0 write"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,7 +29,7 @@ use super::queue::{Completion, CompletionQueue, InvalidDoorbellValue, Submission
 use super::shadow::ShadowDoorbell;
 use super::{Status, SUBMISSION_ENTRY_BYTES};
 use crate::io::{IoSubmitter, QueueHandler, Submitted};
-use crate::latency::{LatencyRecorder, QueueLatency, RequestTimes};
+use crate::latency::{LatencyRecorder, Op, QueueLatency, RequestTimes};
 
 /// Commands one SQ fetches per pass before yielding to the worker's other queues.
 const MAX_COMMANDS_PER_PASS: u32 = 256;
@@ -353,6 +353,15 @@ impl IoSubmissionQueueShared {
     }
 }
 
+/// The direction the per-direction latency numbers file an I/O command under.
+fn op_of(opcode: u8) -> Op {
+    match opcode {
+        nvm::OPC_READ => Op::Read,
+        nvm::OPC_WRITE => Op::Write,
+        _ => Op::Other,
+    }
+}
+
 /// A fetched command with backend work outstanding. Slots are reused, never freed.
 #[derive(Default)]
 struct Request {
@@ -513,6 +522,7 @@ impl IoSubmissionQueueHandler {
         let request = &mut self.requests[index as usize];
         request.command_id = command.command_id();
         request.times = RequestTimes {
+            op: op_of(command.opcode()),
             notified: self.pass_started,
             ..RequestTimes::default()
         };
@@ -563,6 +573,7 @@ impl IoSubmissionQueueHandler {
         match submitted {
             Submitted::Pending => {
                 request.busy = true;
+                self.latency.backend_started(index, &request.times);
                 false
             }
             Submitted::Done(Ok(_)) if request.operation.next_step() => true,
@@ -588,6 +599,7 @@ impl IoSubmissionQueueHandler {
     /// Posts the request's completion into its reserved CQ entry and frees the slot.
     fn finish(&mut self, index: u32, status: Status) {
         let stamp = self.latency.stamp();
+        self.latency.backend_finished(index);
         let request = &mut self.requests[index as usize];
         request.busy = false;
         if request.times.completed == 0 {

@@ -946,3 +946,106 @@ fn a_subsystem_reset_drops_the_queues_and_says_so_until_the_host_brings_it_up() 
         "the stuck read left with its queue"
     );
 }
+
+#[test]
+fn writes_held_by_a_bandwidth_cap_show_in_their_own_direction_beside_fast_reads() {
+    use crate::latency::{Op, OpSample, OP_PHASES};
+    const READS: u64 = 20;
+    // 4 KiB writes at 4 KiB/s: the first is done after 1 s, the second, behind it, after 2 s.
+    let mut settings = crate::io::FaultSettings::default();
+    settings.set("write_bandwidth", "4K").unwrap();
+    let faults = Arc::new(crate::io::Faults::new(settings, 1));
+    let backend = Arc::new(BlockBackend::null(1 << 20, None).with_faults(faults.clone()));
+    let mut driver = with_queue_pair(config_with(vec![NamespaceConfig::with_seed(backend, 1)]));
+    let latency = sq_latency(&driver, 1);
+    let writes: Vec<u16> = (0..2)
+        .map(|i| {
+            driver.queue_command(
+                1,
+                rw(OPC_WRITE, 1, i * 8, 8, WRITE_BUFFER, 0).build(),
+                false,
+            )
+        })
+        .collect();
+    let ringing = Instant::now();
+    driver.ring_sq(1);
+    let rung = Instant::now();
+    for lba in 0..READS {
+        let read = driver.queue_command(1, rw(OPC_READ, 1, lba, 1, READ_BUFFER, 0).build(), true);
+        let cqe = driver.wait(1);
+        assert_eq!(cqe.command_id, read, "a read, not a held write");
+        assert_eq!(cqe.status, Status::SUCCESS);
+    }
+    let waited = rung.elapsed();
+    let [reads, writes_now, other] = latency.in_flight_by_op();
+    let after = ringing.elapsed();
+    assert!(
+        after < Duration::from_millis(900),
+        "the machine is too slow for this test: {after:?}"
+    );
+    assert_eq!((reads, other), (OpSample::default(), OpSample::default()));
+    assert_eq!(writes_now.count, 2, "both writes at the backend");
+    // Notified at the doorbell write.
+    let age = Duration::from_micros(u64::from(writes_now.oldest_us));
+    assert!(
+        age >= waited && age <= after,
+        "oldest write {age:?}, between {waited:?} and {after:?}"
+    );
+    latency.sample_in_flight();
+
+    let mut finished: Vec<u16> = (0..2).map(|_| driver.wait(1).command_id).collect();
+    finished.sort_unstable();
+    assert_eq!(finished, writes);
+    assert_eq!(faults.counts().delayed, 2);
+    assert_eq!(latency.in_flight_by_op(), [OpSample::default(); 3]);
+
+    let all = latency.queue_histograms();
+    let by_op = |op: Op| {
+        all.by_op[op.index()]
+            .as_ref()
+            .expect("a direction that occurred")
+    };
+    assert!(all.by_op[Op::Other.index()].is_none());
+    let phase = |phase: Phase| OP_PHASES.iter().position(|&p| p == phase).unwrap();
+    let (backend, total) = (phase(Phase::Backend), phase(Phase::Total));
+    let (reads, writes) = (by_op(Op::Read), by_op(Op::Write));
+    assert_eq!((reads[total].len(), writes[total].len()), (READS, 2));
+    // One second for the first, two for the one behind it (1% histogram resolution).
+    assert!(
+        writes[backend].min() >= 990_000_000,
+        "{}",
+        writes[backend].min()
+    );
+    assert!(
+        writes[backend].max() >= 1_980_000_000,
+        "{}",
+        writes[backend].max()
+    );
+    assert!(writes[total].max() >= writes[backend].max());
+    assert!(reads[total].max() < 500_000_000, "{}", reads[total].max());
+
+    let series = latency.in_flight_series();
+    let writes = series.by_op[Op::Write.index()]
+        .as_ref()
+        .expect("writes seen");
+    assert_eq!(writes.max_count, [2]);
+    assert!(u64::from(writes.max_oldest_us[0]) >= age.as_micros() as u64);
+}
+
+#[test]
+fn commands_are_filed_by_direction_whatever_their_opcode() {
+    use crate::latency::Op;
+    let mut driver = with_queue_pair(config_with(vec![null_namespace(1 << 16, 1)]));
+    driver.io(1, 1, rw(OPC_READ, 1, 0, 1, READ_BUFFER, 0).build());
+    driver.io(1, 1, rw(OPC_WRITE, 1, 0, 1, WRITE_BUFFER, 0).build());
+    driver.io(1, 1, command(OPC_FLUSH).nsid(1).build());
+    // Hostile: an unknown opcode, and a read of a namespace that does not exist.
+    driver.io(1, 1, command(0xFF).nsid(1).build());
+    driver.io(1, 1, rw(OPC_READ, 77, 0, 1, READ_BUFFER, 0).build());
+    let all = sq_latency(&driver, 1).queue_histograms();
+    let count = |op: Op| all.by_op[op.index()].as_ref().map_or(0, |h| h[0].len());
+    assert_eq!(
+        (count(Op::Read), count(Op::Write), count(Op::Other)),
+        (2, 1, 2)
+    );
+}

@@ -267,6 +267,10 @@ fn main() -> ExitCode {
         for line in harness::report::latency_comparison(o).unwrap_or_default() {
             println!("{line}");
         }
+        // S4: the host's writes (latency, oldest held) beside its reads.
+        for line in harness::report::direction_comparison(o).unwrap_or_default() {
+            println!("{line}");
+        }
     }
     match o.expect_clean() {
         Ok(()) => {

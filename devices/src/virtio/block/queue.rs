@@ -70,7 +70,7 @@ impl BlockQueue {
         let free = (0..size as u32).rev().collect();
         // Indirect tables may be longer than the queue; a Linux request needs seg_max + 2.
         let max_chain_descriptors = size.max(device.seg_max as usize + 2);
-        let latency = LatencyRecorder::new(device.latency[usize::from(index)].clone());
+        let latency = LatencyRecorder::with_slots(device.latency[usize::from(index)].clone(), size);
         BlockQueue {
             index,
             queue,
@@ -176,6 +176,7 @@ impl BlockQueue {
             &mut slot.io,
         );
         device.counters.count_request(request_type);
+        times.op = request_type.op();
         let data_written = match parsed {
             Ok(Parsed::Backend { data_written }) => data_written,
             Ok(Parsed::Answered { data_written }) => {
@@ -201,6 +202,7 @@ impl BlockQueue {
                 slot.status = Some(status);
                 slot.data_written = data_written;
                 slot.times = times;
+                self.latency.backend_started(slot_index, &times);
             }
             Submitted::Done(result) => {
                 times.completed = times.submitted;
@@ -325,6 +327,7 @@ impl QueueHandler for BlockQueue {
             return;
         };
         slot.busy = false;
+        self.latency.backend_finished(request);
         slot.times.completed = self.latency.stamp();
         let (head, status, data_written) = (slot.head, slot.status, slot.data_written);
         let (kind, len, times) = (slot.io.kind(), slot.io.len(), slot.times);

@@ -15,6 +15,7 @@ use vm_memory::{
 
 use crate::io::backend::MAX_IO_BUFFERS;
 use crate::io::{BackendError, BlockIo, BlockIoKind};
+use crate::latency::Op;
 
 /// Request types (virtio 1.2, 5.2.6).
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -134,6 +135,15 @@ pub enum RequestType {
 }
 
 impl RequestType {
+    /// The direction the per-direction latency numbers file the request under.
+    pub fn op(self) -> Op {
+        match self {
+            Self::In => Op::Read,
+            Self::Out => Op::Write,
+            _ => Op::Other,
+        }
+    }
+
     fn from_raw(value: u32) -> Self {
         match value {
             VIRTIO_BLK_T_IN => Self::In,

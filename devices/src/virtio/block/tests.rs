@@ -1490,3 +1490,125 @@ fn injected_read_latency_delays_reads_only() {
     assert_eq!(backend_phase.len(), 2);
     assert!(backend_phase.max() >= 19_800_000, "{}", backend_phase.max());
 }
+
+/// Publishes one request (header, one data buffer, status) on queue 0 without kicking;
+/// returns its head.
+fn publish_request(harness: &mut Harness, request_type: u32, sector: u64, data: Buffer) -> u16 {
+    let area = harness.area(0);
+    let (header, status) = harness.header(area, request_type, sector);
+    let data = Buffer {
+        addr: area.unchecked_add(DATA_OFFSET),
+        ..data
+    };
+    let q = &mut harness.queues[0];
+    let head = q.add_chain(&[header, data, status]);
+    q.publish(head);
+    head
+}
+
+#[test]
+fn slow_writes_show_in_their_own_direction_beside_fast_reads() {
+    use crate::latency::{Op, OpSample, OP_PHASES};
+    const READS: u64 = 20;
+    const WRITE_DELAY: Duration = Duration::from_millis(1000);
+    let (backend, faults) = faulty(&[("write_latency", "fixed:1000ms")]);
+    let mut harness = Harness::new(backend, Options::default());
+    let latency = harness.block.queue_latency()[0].clone();
+    // Two writes the backend holds for a second, then reads one after another beside them.
+    let writes: Vec<u16> = (0..2)
+        .map(|i| {
+            publish_request(
+                &mut harness,
+                VIRTIO_BLK_T_OUT,
+                i * 8,
+                Buffer::readable(GuestAddress(0), 4096),
+            )
+        })
+        .collect();
+    let kicked = Instant::now();
+    harness.queues[0].kick();
+    let mut first_read_done = None;
+    for sector in 0..READS {
+        let head = publish_request(
+            &mut harness,
+            VIRTIO_BLK_T_IN,
+            sector,
+            Buffer::writable(GuestAddress(0), 512),
+        );
+        let q = &mut harness.queues[0];
+        q.kick();
+        let used = q.wait_used(1, WAIT);
+        assert_eq!(used[0].id, u32::from(head), "a read, not a held write");
+        first_read_done.get_or_insert_with(Instant::now);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // The writes were notified before the first read was fetched, after the kick.
+    let waited = first_read_done.expect("reads").elapsed();
+    let [reads, writes_now, other] = latency.in_flight_by_op();
+    let after = kicked.elapsed();
+    assert!(
+        after < WRITE_DELAY,
+        "the machine is too slow for this test: {after:?}"
+    );
+    assert_eq!(reads, OpSample::default(), "every read came back");
+    assert_eq!(other, OpSample::default());
+    assert_eq!(writes_now.count, 2, "both writes at the backend");
+    let age = Duration::from_micros(u64::from(writes_now.oldest_us));
+    assert!(
+        age >= waited && age <= after,
+        "oldest write {age:?}, between {waited:?} and {after:?}"
+    );
+    latency.sample_in_flight();
+
+    let rest = harness.queues[0].wait_used(2, WAIT);
+    let mut finished: Vec<u32> = rest.iter().map(|used| used.id).collect();
+    finished.sort_unstable();
+    assert_eq!(
+        finished,
+        writes
+            .iter()
+            .map(|&head| u32::from(head))
+            .collect::<Vec<_>>()
+    );
+    harness.wait_interrupts(0, READS + 1);
+    assert_eq!(faults.counts().delayed, 2);
+    latency.sample_in_flight();
+    assert_eq!(latency.in_flight_by_op(), [OpSample::default(); 3]);
+
+    let all = latency.queue_histograms();
+    let by_op = |op: Op| {
+        all.by_op[op.index()]
+            .as_ref()
+            .expect("a direction that occurred")
+    };
+    assert!(all.by_op[Op::Other.index()].is_none());
+    let phase = |phase: Phase| OP_PHASES.iter().position(|&p| p == phase).unwrap();
+    let (backend, total) = (phase(Phase::Backend), phase(Phase::Total));
+    let (reads, writes) = (by_op(Op::Read), by_op(Op::Write));
+    assert_eq!((reads[total].len(), writes[total].len()), (READS, 2));
+    assert_eq!((reads[backend].len(), writes[backend].len()), (READS, 2));
+    let delay_ns = WRITE_DELAY.as_nanos() as u64;
+    assert!(
+        writes[backend].min() >= delay_ns * 99 / 100,
+        "{}",
+        writes[backend].min()
+    );
+    assert!(writes[total].min() >= writes[backend].min());
+    // The reads were not held behind the writes.
+    assert!(reads[total].max() < delay_ns / 2, "{}", reads[total].max());
+    // And the merged histograms have them all.
+    let phases = all.phases.expect("timed");
+    assert_eq!(phases[Phase::Total.index()].len(), READS + 2);
+
+    let series = latency.in_flight_series();
+    let writes = series.by_op[Op::Write.index()]
+        .as_ref()
+        .expect("writes seen");
+    let oldest_write = writes.max_oldest_us.iter().copied().max().unwrap_or(0);
+    assert!(u64::from(oldest_write) >= age.as_micros() as u64);
+    assert_eq!(writes.max_count.iter().copied().max(), Some(2));
+    assert!(
+        series.by_op[Op::Read.index()].is_none(),
+        "no read was in flight at a tick"
+    );
+}
