@@ -25,6 +25,24 @@ fn plot_error(error: impl std::fmt::Display) -> String {
     error.to_string()
 }
 
+/// The legend of `chart`'s labelled series, at `position`, as every plot here draws it.
+fn draw_legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> PlotResult<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)
+}
+
 fn palette(index: usize) -> RGBColor {
     const COLORS: [RGBColor; 8] = [
         RGBColor(31, 119, 180),
@@ -119,13 +137,7 @@ fn latency_cdf(report: &Report, path: &Path) -> PlotResult<()> {
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(plot_error)
 }
 
@@ -258,13 +270,7 @@ fn in_flight(report: &Report, path: &Path) -> PlotResult<()> {
             )))
             .map_err(plot_error)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(plot_error)
 }
 
@@ -378,13 +384,7 @@ fn in_flight_by_op(report: &Report, path: &Path) -> PlotResult<()> {
             .label(line.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
     }
-    counts
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut counts, SeriesLabelPosition::UpperRight)?;
 
     let mut ages = ChartBuilder::on(&lower)
         .caption(
@@ -411,11 +411,6 @@ fn in_flight_by_op(report: &Report, path: &Path) -> PlotResult<()> {
         .label(line.label.clone())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
     }
-    ages.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut ages, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(plot_error)
 }
