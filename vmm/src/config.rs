@@ -239,6 +239,9 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                  fault_stuck_rate=F  fraction of reads and writes that never complete
                  fault_read_bandwidth=R, fault_write_bandwidth=R
                                   bytes per second (500K, 20M, 1G) each direction moves
+                 fault_service_time=D  each read and write occupies the disk for D,
+                                  one at a time, both directions in one line (a
+                                  single actuator: a read flood takes writes' time)
   --nvme path=IMG[,readonly=on][,direct=on][,NVME_KEYS]
   --nvme backend=null,size=SIZE[,latency_us=N][,NVME_KEYS]
                          an NVMe PCI controller; repeatable

@@ -1,5 +1,6 @@
 //! Fault and latency injection for a block backend, settable at start (disk options) and at
-//! run time (the control socket): per-direction latency distributions and bandwidth caps, an
+//! run time (the control socket): per-direction latency distributions and bandwidth caps, a
+//! service time shared by both directions (a disk that does one request at a time), an
 //! error rate, a sector range that always fails, and requests that never complete.
 //!
 //! A backend asks [`Faults::decide`] once per read or write before doing it. Settings are
@@ -16,6 +17,9 @@ use crate::latency::now_ns;
 
 /// Bytes per sector in `error_sectors`.
 const SECTOR_BYTES: u64 = 512;
+/// [`Faults::free_at`] index of the line both directions share (`service_time`); 0 and 1
+/// are the reads' and writes' bandwidth.
+const ACTUATOR_LINE: usize = 2;
 
 /// How long an injected delay lasts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -127,6 +131,10 @@ pub struct FaultSettings {
     /// before it, as on a disk that has nothing faster.
     pub read_bandwidth: Option<u64>,
     pub write_bandwidth: Option<u64>,
+    /// How long each read or write occupies the disk, one at a time in arrival order, both
+    /// directions in one line (a single actuator): a request waits for every one before
+    /// it, so a read flood takes the disk's time from writes and the other way round.
+    pub service_time: Option<LatencyDistribution>,
 }
 
 impl FaultSettings {
@@ -138,12 +146,14 @@ impl FaultSettings {
             || self.stuck_rate > 0.0
             || self.read_bandwidth.is_some()
             || self.write_bandwidth.is_some()
+            || self.service_time.is_some()
     }
 
     /// Applies one `key=value` setting (the disk option and control socket syntax):
     /// `read_latency`, `write_latency` (a distribution or `none`), `error_rate`,
     /// `stuck_rate` (fractions), `error_sectors` (`START-END`, end excluded, or `none`),
-    /// `read_bandwidth`, `write_bandwidth` (bytes per second: `500K`, `20M`, `1G`, or `none`).
+    /// `read_bandwidth`, `write_bandwidth` (bytes per second: `500K`, `20M`, `1G`, or `none`),
+    /// `service_time` (a distribution or `none`).
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let fraction = |value: &str| {
             value
@@ -163,6 +173,7 @@ impl FaultSettings {
             "stuck_rate" => self.stuck_rate = fraction(value)?,
             "read_bandwidth" => self.read_bandwidth = bandwidth(key, value)?,
             "write_bandwidth" => self.write_bandwidth = bandwidth(key, value)?,
+            "service_time" => self.service_time = latency(value)?,
             "error_sectors" if value == "none" => self.error_sectors = None,
             "error_sectors" => {
                 let range = value
@@ -210,8 +221,9 @@ pub struct Faults {
     /// xorshift state: decisions need no lock of their own (a lost update only repeats a
     /// random number).
     random: AtomicU64,
-    /// When the capped direction is free again ([`now_ns`]): reads, writes.
-    bandwidth_free_at: [AtomicU64; 2],
+    /// When each line is free again ([`now_ns`]): reads' bandwidth, writes' bandwidth, and
+    /// the disk's one actuator (`service_time`).
+    free_at: [AtomicU64; 3],
     errors: AtomicU64,
     stuck: AtomicU64,
     delayed: AtomicU64,
@@ -292,7 +304,12 @@ impl Faults {
             distribution.sample(self.uniform())
         });
         if let Some(rate) = bandwidth {
-            delay += self.wait_for_bandwidth(direction, len, rate);
+            let cost = (u128::from(len) * 1_000_000_000 / u128::from(rate)) as u64;
+            delay += self.wait_in_line(direction, cost);
+        }
+        if let Some(service) = settings.service_time {
+            let cost = service.sample(self.uniform()).as_nanos() as u64;
+            delay += self.wait_in_line(ACTUATOR_LINE, cost);
         }
         if delay.is_zero() {
             return Fault::None;
@@ -303,20 +320,15 @@ impl Faults {
         Fault::Delay(delay)
     }
 
-    /// Books `len` bytes at `rate` bytes per second after everything booked before in this
-    /// direction; returns how long the request waits for its turn to be done.
-    fn wait_for_bandwidth(&self, direction: usize, len: u64, rate: u64) -> Duration {
+    /// Books `cost_ns` of `line`'s time after everything booked before on it; returns how
+    /// long the request waits for its turn to be done.
+    fn wait_in_line(&self, line: usize, cost_ns: u64) -> Duration {
         let now = now_ns();
-        let cost = (u128::from(len) * 1_000_000_000 / u128::from(rate)) as u64;
         let mut done_at = 0;
-        let _ = self.bandwidth_free_at[direction].fetch_update(
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-            |free_at| {
-                done_at = free_at.max(now).saturating_add(cost);
-                Some(done_at)
-            },
-        );
+        let _ = self.free_at[line].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |free_at| {
+            done_at = free_at.max(now).saturating_add(cost_ns);
+            Some(done_at)
+        });
         Duration::from_nanos(done_at.saturating_sub(now))
     }
 }
@@ -377,6 +389,33 @@ mod tests {
             );
         }
         assert_eq!(faults.decide(BlockIoKind::Write, 0, 100 << 10), Fault::None);
+    }
+
+    #[test]
+    fn a_service_time_puts_reads_and_writes_in_one_line() {
+        let mut settings = FaultSettings::default();
+        settings.set("service_time", "fixed:10ms").unwrap();
+        assert!(settings.clone().set("service_time", "soon").is_err());
+        let faults = Faults::new(settings.clone(), 5);
+        // Reads and writes alternate, all at once: each waits for every one before it,
+        // whatever its direction (done after 10, 20, ... 60 ms).
+        let kinds = [BlockIoKind::Read, BlockIoKind::Write];
+        for index in 0..6 {
+            let delay = match faults.decide(kinds[index % 2], 0, 4096) {
+                Fault::Delay(delay) => delay,
+                other => panic!("{other:?}"),
+            };
+            let want = Duration::from_millis(10 * (index as u64 + 1));
+            assert!(
+                delay.abs_diff(want) < Duration::from_millis(5),
+                "request {index}: {delay:?}, want {want:?}"
+            );
+        }
+        // Flushes do not occupy it.
+        assert_eq!(faults.decide(BlockIoKind::Flush, 0, 0), Fault::None);
+        settings.set("service_time", "none").unwrap();
+        faults.set(settings);
+        assert_eq!(faults.decide(BlockIoKind::Write, 0, 4096), Fault::None);
     }
 
     #[test]
