@@ -22,14 +22,19 @@ if [ "${1:-}" = stress ]; then
     shift
     exec target/release/blkswarm-stress "$@"
 elif [ "${1:-}" = s4 ]; then
-    # One 2-GiB null disk whose reads take 5 ms on average (p99 20 ms) and whose writes are
-    # capped at 8 MB/s: a slow disk. Two readers keep 32 random reads each in flight on its
-    # first half while a buffered writer puts 256 MiB into its second half and fsyncs.
+    # A disk like a 7200-rpm one (a 2-GiB image, one queue of 32 like SATA NCQ, every read
+    # and write occupying its one actuator for ~12 ms on average: exp, p99 55 ms) with ext4
+    # on it and mq-deadline. Two readers keep 32 random reads each in flight for 40 s
+    # while a buffered writer puts 256 MiB into a file and a committer appends 4 KiB and
+    # runs `sync` every 0.5 s; writeback starts at 16 MiB dirty. The detector's timeout is
+    # 10 s. docs/s4-writeback-starvation.md.
     shift
-    set -- --scenario writeback-starvation --name s4 --cpus 2 --memory 1G --timeout 300 \
-        --cmdline "blkswarm.iodepth=32 blkswarm.numjobs=2 blkswarm.runtime=30 blkswarm.write_mb=256 blkswarm.hung_secs=10" \
+    set -- --scenario writeback-starvation --name s4 --cpus 2 --memory 1G --timeout 400 \
+        --cmdline "blkswarm.iodepth=32 blkswarm.numjobs=2 blkswarm.runtime=40 blkswarm.write_mb=256 blkswarm.hung_secs=10" \
+        --cmdline "blkswarm.s4_fs=ext4 blkswarm.s4_commit_ms=500 blkswarm.s4_commit=sync blkswarm.dirty_background_kib=16384" \
+        --setup 'dd if=/dev/zero of={scratch}/s4.img bs=1M count=0 seek=2048 2>/dev/null' \
         --arg=--disk \
-        --arg=backend=null,size=2G,num_queues=2,fault_read_latency=exp:20ms,fault_write_bandwidth=8M \
+        --arg='path={scratch}/s4.img,num_queues=1,queue_size=32,fault_service_time=exp:55ms' \
         "$@"
 elif [ "${1:-}" = s3 ]; then
     # Two controllers (A, B) of one NVM subsystem share a 64-MiB image; the guest runs fio

@@ -21,6 +21,9 @@ WANT_KVER=${BLKSWARM_KERNEL_VERSION:-6.12.117+deb12-amd64}
 
 # Modules (plus what `modprobe --show-depends` adds) per initramfs.
 GUEST_MODULES=(virtio_blk nvme)
+# Loaded by the scenarios that need them (load_ondemand_modules in guest-init.sh), not at
+# every boot: S4 mounts ext4.
+GUEST_ONDEMAND_MODULES=(ext4)
 LAB_MODULES=(kvm-amd)
 
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -311,13 +314,15 @@ fio_step() {
 }
 
 # ---------------------------------------------------------------------------------
-# 2c. nvme-cli: Debian's binary and exactly the shared libraries it loads
+# 2c. Debian tools with their shared libraries: nvme-cli, mke2fs
 # ---------------------------------------------------------------------------------
 # The guest has no libc (busybox and fio are static), so the dynamic loader and the
-# library closure of /usr/sbin/nvme come along (~12 MB uncompressed, appended raw like fio).
+# library closure of each tool come along (appended raw like fio). nvme-cli (~12 MB with
+# its libraries) for the NVMe scenarios; mke2fs (~2 MB) for the scenarios that need a
+# journalling filesystem (S4's ext4: busybox's mke2fs makes only ext2, without a journal).
 NVME_CLI_PACKAGES=(nvme-cli libnvme1 libjson-c5 zlib1g libc6 libssl3 libdbus-1-3 libsystemd0
                    libcap2 libgcrypt20 liblzma5 libzstd1 liblz4-1 libgpg-error0)
-NVME_CLI="$CACHE/nvme-cli"
+MKE2FS_PACKAGES=(e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 libc6)
 LIB_DIRS=(lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu)
 
 # The library file (relative to root $1) providing soname $2.
@@ -329,52 +334,66 @@ find_library() {
     return 1
 }
 
-nvme_cli_step() {
-    local t pkg deb want queue f n lib
+# debian_tool_step LABEL BINARY GUEST_PATH CHECK_ARG PACKAGES...: Debian's BINARY (its path
+# in the first package, e.g. usr/sbin/nvme), as GUEST_PATH, and exactly the shared
+# libraries it loads, from PACKAGES, into $CACHE/LABEL, with the /etc files named in
+# TOOL_ETC_FILES. `GUEST_PATH CHECK_ARG` must run with only these files, as in the guest.
+# GUEST_PATH must not be a busybox applet's name: busybox's shell runs its own applet for
+# such a name whatever PATH says.
+debian_tool_step() {
+    local label=$1 bin=$2 guest_bin=$3 check=$4; shift 4
+    local dir="$CACHE/$label" t pkg want queue f n lib
     local -A seen=()
-    want=$( { for pkg in "${NVME_CLI_PACKAGES[@]}"; do basename "$(download_deb "$pkg")"; done;
-              declare -f nvme_cli_step find_library; } | sha256sum | cut -d' ' -f1)
-    if [ -f "$NVME_CLI/.complete" ] && [ "$(cat "$NVME_CLI/.stamp" 2>/dev/null)" = "$want" ]; then
-        step nvme-cli "cached (nvme-cli $(cat "$NVME_CLI/.version"), $(du -sk "$NVME_CLI" | cut -f1) KiB with libraries)"
+    want=$( { for pkg in "$@"; do basename "$(download_deb "$pkg")"; done; echo "$bin $guest_bin $check";
+              printf '%s\n' "${TOOL_ETC_FILES[@]}"; declare -f debian_tool_step find_library; } \
+            | sha256sum | cut -d' ' -f1)
+    if [ -f "$dir/.complete" ] && [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$want" ]; then
+        step "$label" "cached ($1 $(cat "$dir/.version"), $(du -sk "$dir" | cut -f1) KiB with libraries)"
         return
     fi
-    t=$(mktmp nvme-cli)
-    for pkg in "${NVME_CLI_PACKAGES[@]}"; do
+    t=$(mktmp "$label")
+    for pkg in "$@"; do
         dpkg-deb -x "$(download_deb "$pkg")" "$t/pkg"
     done
-    mkdir -p "$t/out/usr/sbin" "$t/out/lib/x86_64-linux-gnu" "$t/out/lib64"
-    cp "$t/pkg/usr/sbin/nvme" "$t/out/usr/sbin/nvme"
+    mkdir -p "$t/out/$(dirname "$guest_bin")" "$t/out/lib/x86_64-linux-gnu" "$t/out/lib64"
+    cp "$t/pkg/$bin" "$t/out/$guest_bin"
+    for f in "${TOOL_ETC_FILES[@]}"; do
+        install -D -m 644 "$t/pkg/$f" "$t/out/$f"
+    done
     # Breadth-first over DT_NEEDED: every library the binary loads, directly or not.
-    queue=(usr/sbin/nvme)
+    queue=("$bin")
     while [ ${#queue[@]} -gt 0 ]; do
         f=${queue[0]}; queue=("${queue[@]:1}")
         for n in $(readelf -d "$t/pkg/$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
             [ -n "${seen[$n]:-}" ] && continue
-            lib=$(find_library "$t/pkg" "$n") || die "nvme-cli needs $n, which no package in NVME_CLI_PACKAGES has"
+            lib=$(find_library "$t/pkg" "$n") || die "$label needs $n, which none of its packages ($*) has"
             seen[$n]=1
             cp -L "$t/pkg/$lib" "$t/out/lib/x86_64-linux-gnu/$n"
             queue+=("$lib")
         done
     done
     cp -L "$t/pkg/lib64/ld-linux-x86-64.so.2" "$t/out/lib64/ld-linux-x86-64.so.2"
-    # It must run with only these files (as in the guest): no host library may fill a gap.
+    # No host library may fill a gap.
     "$t/out/lib64/ld-linux-x86-64.so.2" --inhibit-cache --library-path "$t/out/lib/x86_64-linux-gnu" \
-        "$t/out/usr/sbin/nvme" version >"$t/version.txt" 2>&1 \
-        || { cat "$t/version.txt" >&2; die "the extracted nvme-cli does not run"; }
-    dpkg-deb -f "$(download_deb nvme-cli)" Version >"$t/out/.version"
+        "$t/out/$guest_bin" "$check" >"$t/check.txt" 2>&1 \
+        || { cat "$t/check.txt" >&2; die "the extracted $label does not run"; }
+    dpkg-deb -f "$(download_deb "$1")" Version >"$t/out/.version"
     echo "$want" >"$t/out/.stamp"
     : >"$t/out/.complete"
-    replace_dir "$t/out" "$NVME_CLI"
-    step nvme-cli "extracted nvme-cli $(cat "$NVME_CLI/.version") with ${#seen[@]} libraries ($(du -sk "$NVME_CLI" | cut -f1) KiB)"
+    replace_dir "$t/out" "$dir"
+    step "$label" "extracted $1 $(cat "$dir/.version") with ${#seen[@]} libraries ($(du -sk "$dir" | cut -f1) KiB)"
 }
 
-# RAW_FILES entries for nvme-cli: the binary, the loader and the libraries.
-nvme_cli_files() {
-    local f
-    echo "$NVME_CLI/usr/sbin/nvme:/usr/sbin/nvme"
-    echo "$NVME_CLI/lib64/ld-linux-x86-64.so.2:/lib64/ld-linux-x86-64.so.2"
-    for f in "$NVME_CLI"/lib/x86_64-linux-gnu/*; do
-        echo "$f:/lib/x86_64-linux-gnu/$(basename "$f")"
+# RAW_FILES entries for the tools in $CACHE/LABEL...: each file under it (binary, /etc
+# files, loader, libraries) at the same path in the guest, once.
+debian_tool_files() {
+    local label
+    for label in "$@"; do
+        (cd "$CACHE/$label" && find . -type f ! -name '.*' | sed 's|^\./||')
+    done | sort -u | while read -r f; do
+        for label in "$@"; do
+            if [ -f "$CACHE/$label/$f" ]; then echo "$CACHE/$label/$f:/$f"; break; fi
+        done
     done
 }
 
@@ -391,7 +410,8 @@ module_files() {
 
 # make_initramfs NAME INIT_SCRIPT OUTPUT MODULES...
 # Staging tree: busybox + applet links, /dev/console, decompressed modules in
-# /lib/modules/*.ko with their load order in /etc/modules, /init, and the files of
+# /lib/modules/*.ko with their load order in /etc/modules (those of ONDEMAND_MODULES that
+# the boot list lacks in /etc/modules.ondemand: a scenario loads them), /init, and the files of
 # the EXTRA_FILES array ("HOST_PATH:/ABS/PATH/IN/IMAGE", mode 755), all gzip'd. The
 # files of RAW_FILES (same syntax) follow in a second, uncompressed newc archive: the
 # kernel unpacks both into one rootfs. Used for fio: a static binary that gzip shrinks
@@ -410,15 +430,19 @@ make_initramfs() {
     mknod -m 600 "$root/dev/console" c 5 1
     mknod -m 666 "$root/dev/null" c 1 3
     : >"$root/etc/modules"
-    for f in $(module_files "$@"); do
+    : >"$root/etc/modules.ondemand"
+    local list=modules
+    for f in $(module_files "$@") - $(module_files "${ONDEMAND_MODULES[@]}"); do
+        if [ "$f" = - ]; then list=modules.ondemand; continue; fi
         base=$(basename "$f"); base=${base%.xz}; base=${base%.zst}; base=${base%.gz}
+        [ -e "$root/lib/modules/$base" ] && continue
         case $f in
             *.xz)  xz -dc "$f" >"$root/lib/modules/$base" ;;
             *.zst) zstd -qdc "$f" >"$root/lib/modules/$base" ;;
             *.gz)  gzip -dc "$f" >"$root/lib/modules/$base" ;;
             *)     cp "$f" "$root/lib/modules/$base" ;;
         esac
-        echo "${base%.ko}" >>"$root/etc/modules"
+        echo "${base%.ko}" >>"$root/etc/$list"
     done
     echo "$KVER" >"$root/etc/kernel-version"
     install -m 755 "$init" "$root/init"
@@ -445,6 +469,9 @@ make_initramfs() {
     fi
     mv -f "$t/out.cpio.gz" "$out"
     MODLIST=$(tr '\n' ' ' <"$root/etc/modules")
+    if [ -s "$root/etc/modules.ondemand" ]; then
+        MODLIST="$MODLIST(on demand: $(tr '\n' ' ' <"$root/etc/modules.ondemand" | sed 's/ $//')) "
+    fi
 }
 
 # Rebuild $out when its stamp (hash of the init script, kernel, busybox, module list
@@ -452,7 +479,7 @@ make_initramfs() {
 initramfs_step() {
     local label=$1 init=$2 out=$3; shift 3
     local stamp="$out.stamp" want
-    want=$( { cat "$init"; echo "$KVER"; cat "$CACHE/busybox/.version"; echo "$*";
+    want=$( { cat "$init"; echo "$KVER"; cat "$CACHE/busybox/.version"; echo "$* - ${ONDEMAND_MODULES[*]}";
               for f in "${EXTRA_FILES[@]}" - "${RAW_FILES[@]}"; do
                   [ "$f" = - ] && { echo raw; continue; }
                   echo "${f#*:}"; sha256sum <"${f%%:*}"
@@ -476,9 +503,14 @@ kernel
 lab_kernel
 busybox
 fio_step
-nvme_cli_step
+TOOL_ETC_FILES=()
+debian_tool_step nvme-cli usr/sbin/nvme usr/sbin/nvme version "${NVME_CLI_PACKAGES[@]}"
+TOOL_ETC_FILES=(etc/mke2fs.conf)
+debian_tool_step mke2fs sbin/mke2fs usr/sbin/mkfs.ext4 -V "${MKE2FS_PACKAGES[@]}"
 EXTRA_FILES=("$GUESTS/pattern.sh:/bin/blkswarm-pattern")
-mapfile -t RAW_FILES < <(echo "$FIO:/usr/bin/fio"; nvme_cli_files)
+mapfile -t RAW_FILES < <(echo "$FIO:/usr/bin/fio"; debian_tool_files nvme-cli mke2fs)
+ONDEMAND_MODULES=("${GUEST_ONDEMAND_MODULES[@]}")
 initramfs_step guest-initramfs "$GUESTS/guest-init.sh" "$CACHE/guest/initramfs.cpio.gz" "${GUEST_MODULES[@]}"
 RAW_FILES=()
+ONDEMAND_MODULES=()
 initramfs_step lab-initramfs "$GUESTS/lab-init.sh" "$CACHE/lab/l1-base.cpio.gz" "${LAB_MODULES[@]}"

@@ -23,7 +23,13 @@
 #                   blkswarm.mp_watch=1: no fio, only the samples for runtime= s (null
 #                   namespaces, several per subsystem: ANA groups spanning them)
 #   writeback-starvation (S4): blkswarm.iodepth= numjobs= runtime= (the read flood),
-#                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N
+#                            blkswarm.write_mb=N (buffered writer), blkswarm.hung_secs=N;
+#                            blkswarm.s4_fs=raw (default: the writer on the raw disk's
+#                            second half) | ext4 (a filesystem on the whole disk, the
+#                            writer's file in it); blkswarm.s4_commit_ms=N: a committer
+#                            appends 4 KiB to a log file and fsyncs it every N ms (ext4;
+#                            0: none); blkswarm.s4_flood=0: no read flood (the control);
+#                            blkswarm.dirty_background_kib= dirty_kib= (vm sysctls)
 #   stress: fio on every disk at once (one job per disk, one fio): blkswarm.stress=verify
 #           (default: randwrite + crc32c verify) | randrw (70 % reads) | both (verify, then
 #           randrw); blkswarm.stress_disks=N (the first N disks; default all); iodepth=
@@ -68,6 +74,12 @@ FIO_RATE_IOPS=0
 MP_WATCH=
 STRESS=verify
 STRESS_DISKS=
+S4_FS=raw
+S4_FLOOD=1
+S4_COMMIT_MS=0
+S4_COMMIT=fsync
+DIRTY_BG_KIB=
+DIRTY_KIB=
 
 # Mounts and the command line, in the top-level shell (main runs in a subshell).
 mount -t proc proc /proc 2>/dev/null
@@ -101,6 +113,12 @@ for w in $CMDLINE; do
         blkswarm.mp_watch=*) MP_WATCH=${w#*=} ;;
         blkswarm.stress=*) STRESS=${w#*=} ;;
         blkswarm.stress_disks=*) STRESS_DISKS=${w#*=} ;;
+        blkswarm.s4_fs=*) S4_FS=${w#*=} ;;
+        blkswarm.s4_flood=*) S4_FLOOD=${w#*=} ;;
+        blkswarm.s4_commit_ms=*) S4_COMMIT_MS=${w#*=} ;;
+        blkswarm.s4_commit=*) S4_COMMIT=${w#*=} ;;
+        blkswarm.dirty_background_kib=*) DIRTY_BG_KIB=${w#*=} ;;
+        blkswarm.dirty_kib=*) DIRTY_KIB=${w#*=} ;;
     esac
 done
 
@@ -121,8 +139,11 @@ load_modules() {
         [ -n "$m" ] || continue
         # shellcheck disable=SC2046 # one word per parameter
         insmod "/lib/modules/$m.ko" $(module_params "$m") >/dev/null 2>&1 || out "error=insmod-$m"
-    done </etc/modules
+    done <"${1:-/etc/modules}"
 }
+
+# The modules only some scenarios need (ext4), not loaded at boot (guests/build.sh).
+load_ondemand_modules() { load_modules /etc/modules.ondemand; }
 
 # Disk names under /sys/block: virtio-blk (vd*) and NVMe namespaces. With
 # NVME_MULTIPATH=y the visible nvmeXnY is the multipath head; the hidden per-path
@@ -708,66 +729,136 @@ scenario_durability() {
 }
 
 # S4 (../shared/SCENARIOS.md): mq-deadline, a direct random-read flood on the first half of
-# the disk, and a buffered writer (dd, then fsync) on the second half whose writeback must
-# get through the reads. Once a second: what the guest's block layer holds (allocated, not
-# yet completed: in the scheduler or on the device) by direction, and dirty and writeback
-# memory. At the end: the flood's results, how long the writer took, and the hung-task
-# warnings (the detector's timeout is lowered to blkswarm.hung_secs). The host's report of
-# the same run has per-request timing and in-flight depth over time beside it.
+# the disk, and a buffered writer (dd, then fsync) whose writeback must get through the
+# reads: on the raw disk's second half, or (s4_fs=ext4) as a file in an ext4 filesystem on
+# the whole disk, beside a committer that appends 4 KiB to a log file and fsyncs it every
+# s4_commit_ms (a database's log: small, synchronous, and behind everything the writer
+# dirtied). Once a second: what the guest's block layer holds (allocated, not yet
+# completed: in the scheduler or on the device) by direction, and dirty and writeback
+# memory. At the end: the flood's results, the writer's and the committer's times, and the
+# hung-task warnings with each task's stack (the detector's timeout is lowered to
+# blkswarm.hung_secs). The host's report of the same run has per-request timing and
+# in-flight depth over time beside it. docs/s4-writeback-starvation.md.
 scenario_writeback_starvation() {
     pick_disk || return 0
-    local q="/sys/block/$DISK/queue" size_mb flood_mb start flood rc err r w dirty wb writer n=0
+    local q="/sys/block/$DISK/queue" size_mb flood_mb start flood= rc err r w dirty wb writer
+    local committer= target seek=0 t0 n=0
     echo mq-deadline >"$q/scheduler" 2>/dev/null
     out "s4_scheduler=$(sed 's/.*\[\(.*\)\].*/\1/' "$q/scheduler")"
     if [ -d "$q/iosched" ]; then
         out "s4_iosched_read_expire_ms=$(cat "$q/iosched/read_expire") write_expire_ms=$(cat "$q/iosched/write_expire") writes_starved=$(cat "$q/iosched/writes_starved") fifo_batch=$(cat "$q/iosched/fifo_batch")"
     fi
-    out "s4_nr_requests=$(cat "$q/nr_requests")"
+    out "s4_nr_requests=$(cat "$q/nr_requests") max_sectors_kb=$(cat "$q/max_sectors_kb")"
     echo "$HUNG_SECS" >/proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
     out "s4_hung_task_timeout_secs=$(cat /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null || echo none)"
+    [ -z "$DIRTY_BG_KIB" ] || echo $((DIRTY_BG_KIB * 1024)) >/proc/sys/vm/dirty_background_bytes
+    [ -z "$DIRTY_KIB" ] || echo $((DIRTY_KIB * 1024)) >/proc/sys/vm/dirty_bytes
+    out "s4_dirty_background_bytes=$(cat /proc/sys/vm/dirty_background_bytes) dirty_background_ratio=$(cat /proc/sys/vm/dirty_background_ratio) dirty_bytes=$(cat /proc/sys/vm/dirty_bytes) dirty_ratio=$(cat /proc/sys/vm/dirty_ratio)"
     size_mb=$(($(cat "/sys/block/$DISK/size") / 2048))
     flood_mb=$((size_mb / 2))
-    if [ "$WRITE_MB" -gt $((size_mb - flood_mb)) ]; then WRITE_MB=$((size_mb - flood_mb)); fi
-    out "s4_flood_mb=$flood_mb write_mb=$WRITE_MB iodepth=$FIO_QD numjobs=$FIO_JOBS runtime_s=${FIO_RUNTIME:-30}"
+    if [ "$S4_FS" = ext4 ]; then
+        load_ondemand_modules
+        t0=$(uptime_ms)
+        # Lazy inode-table and journal init, and no background init after mounting: the
+        # only writes are the test's own.
+        # Debian's mke2fs (guests/build.sh), by path: a bare `mke2fs` is busybox's, ext2 only.
+        /usr/sbin/mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "/dev/$DISK" \
+            >/tmp/mkfs.err 2>&1 || { out "error=s4-mkfs $(first_line /tmp/mkfs.err)"; return 0; }
+        mkdir -p /mnt/s4
+        mount -t ext4 -o noinit_itable "/dev/$DISK" /mnt/s4 2>/tmp/mount.err \
+            || { out "error=s4-mount $(first_line /tmp/mount.err)"; return 0; }
+        out "s4_fs=ext4 mkfs_ms=$(($(uptime_ms) - t0)) options=$(awk -v d="/dev/$DISK" '$1 == d { print $4 }' /proc/mounts)"
+        target=/mnt/s4/bulk
+        if [ "$WRITE_MB" -gt $((size_mb * 3 / 4)) ]; then WRITE_MB=$((size_mb * 3 / 4)); fi
+    else
+        out "s4_fs=raw"
+        target="/dev/$DISK"
+        seek=$flood_mb
+        if [ "$WRITE_MB" -gt $((size_mb - flood_mb)) ]; then WRITE_MB=$((size_mb - flood_mb)); fi
+    fi
+    out "s4_flood_mb=$flood_mb write_mb=$WRITE_MB iodepth=$FIO_QD numjobs=$FIO_JOBS runtime_s=${FIO_RUNTIME:-30} flood=$S4_FLOOD commit_ms=$S4_COMMIT_MS"
     start=$(uptime_ms)
-    fio --name=flood "--filename=/dev/$DISK" --rw=randread --bs=4k "--iodepth=$FIO_QD" \
-        "--numjobs=$FIO_JOBS" --ioengine=libaio --direct=1 "--size=${flood_mb}m" \
-        --time_based "--runtime=${FIO_RUNTIME:-30}" --group_reporting \
-        --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
-    flood=$!
+    if [ "$S4_FLOOD" != 0 ]; then
+        fio --name=flood "--filename=/dev/$DISK" --rw=randread --bs=4k "--iodepth=$FIO_QD" \
+            "--numjobs=$FIO_JOBS" --ioengine=libaio --direct=1 "--size=${flood_mb}m" \
+            --time_based "--runtime=${FIO_RUNTIME:-30}" --group_reporting \
+            --output-format=json --output=/tmp/fio.json >/dev/null 2>/tmp/fio.err &
+        flood=$!
+    fi
     sleep 1
     (
         t0=$(uptime_ms)
-        dd if=/dev/zero "of=/dev/$DISK" bs=1M "count=$WRITE_MB" "seek=$flood_mb" conv=fsync \
+        dd if=/dev/zero "of=$target" bs=1M "count=$WRITE_MB" "seek=$seek" conv=notrunc,fsync \
             2>/tmp/dd.err
         echo "$? $(($(uptime_ms) - t0)) $(($(uptime_ms) - start))" >/tmp/writer.done
     ) &
     writer=$!
-    while kill -0 "$flood" 2>/dev/null || kill -0 "$writer" 2>/dev/null; do
+    rm -f /tmp/s4.stop /tmp/commits
+    if [ "$S4_FS" = ext4 ] && [ "$S4_COMMIT_MS" -gt 0 ]; then
+        (
+            i=0
+            while [ ! -e /tmp/s4.stop ]; do
+                t0=$(uptime_ms)
+                if [ "$S4_COMMIT" = sync ]; then
+                    dd if=/dev/zero of=/mnt/s4/log bs=4k count=1 "seek=$i" conv=notrunc 2>/dev/null && sync
+                else
+                    dd if=/dev/zero of=/mnt/s4/log bs=4k count=1 "seek=$i" conv=notrunc,fsync 2>/dev/null
+                fi
+                rc=$?
+                echo "$((t0 - start)) $(($(uptime_ms) - t0)) $rc" >>/tmp/commits
+                i=$((i + 1))
+                sleep "$(awk -v ms="$S4_COMMIT_MS" 'BEGIN { printf "%.3f", ms / 1000 }')"
+            done
+        ) &
+        committer=$!
+    fi
+    while { [ -n "$flood" ] && kill -0 "$flood" 2>/dev/null; } || kill -0 "$writer" 2>/dev/null; do
         read -r r w </sys/block/$DISK/inflight
         dirty=$(awk '/^Dirty:/ { print $2 }' /proc/meminfo)
         wb=$(awk '/^Writeback:/ { print $2 }' /proc/meminfo)
         n=$((n + 1))
-        out "s4_sample=$n t_ms=$(($(uptime_ms) - start)) flood=$(kill -0 "$flood" 2>/dev/null && echo 1 || echo 0) inflight_reads=$r inflight_writes=$w dirty_kib=$dirty writeback_kib=$wb"
+        out "s4_sample=$n t_ms=$(($(uptime_ms) - start)) flood=$([ -n "$flood" ] && kill -0 "$flood" 2>/dev/null && echo 1 || echo 0) inflight_reads=$r inflight_writes=$w dirty_kib=$dirty writeback_kib=$wb"
         sleep 1
     done
-    wait "$flood"
-    rc=$?
-    out "s4_flood_rc=$rc"
-    flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
-    err=$(fio_get jobs.0.error)
-    if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
-        out "s4_flood_error=${err:-none} $(first_line /tmp/fio.err)"
+    if [ -n "$flood" ]; then
+        wait "$flood"
+        rc=$?
+        out "s4_flood_rc=$rc"
+        flatten_json </tmp/fio.json >/tmp/fio.flat 2>/dev/null
+        err=$(fio_get jobs.0.error)
+        if [ "$rc" != 0 ] || [ "${err:-0}" != 0 ]; then
+            out "s4_flood_error=${err:-none} $(first_line /tmp/fio.err)"
+        fi
+        fio_report_dir read
     fi
-    fio_report_dir read
     wait "$writer"
     read -r rc w r </tmp/writer.done
     out "s4_writer_rc=$rc ms=$w finished_at_ms=$r"
     [ "$rc" = 0 ] || out "s4_writer_error=$(first_line /tmp/dd.err)"
+    if [ -n "$committer" ]; then
+        : >/tmp/s4.stop
+        wait "$committer"
+        # Each commit: start (ms after the flood began), duration, exit status.
+        awk -v hung_ms=$((HUNG_SECS * 1000)) '
+            { n++; if ($2 > max) { max = $2; at = $1 } if ($2 > hung_ms) over++; if ($3 != 0) failed++ }
+            END { printf "@@guest s4_commits=%d max_ms=%d max_at_ms=%d over_hung_timeout=%d failed=%d\n", n, max, at, over, failed }' /tmp/commits
+    fi
     out "s4_hung_task_warnings=$(dmesg | grep -c 'blocked for more than')"
-    dmesg | grep 'blocked for more than' | head -n 5 | while read -r r; do
-        out "s4_hung_task=$(echo "$r" | cut -c1-160)"
-    done
+    # The first warnings' tasks and where they slept: the first frames of each stack
+    # below the scheduler's own.
+    dmesg | awk '
+        /blocked for more than/ {
+            if (shown >= 5) { on = 0; next }
+            task = $0; sub(/.*INFO: task /, "", task); sub(/ blocked for more than /, " blocked_s=", task)
+            sub(/ seconds\.?$/, "", task); frames = ""; nf = 0; on = 1; next
+        }
+        on && /<\/TASK>/ { printf "@@guest s4_hung_task=%s stack=%s\n", task, frames; shown++; on = 0; next }
+        on && /\+0x/ && !/ \? / {
+            f = $0; sub(/^\[[^]]*\] */, "", f); sub(/^ */, "", f); sub(/\+0x.*/, "", f)
+            if (f ~ /^(__schedule|schedule|schedule_timeout|schedule_preempt_disabled|io_schedule|io_schedule_timeout)$/) next
+            if (nf < 6) { frames = frames (nf ? "<" : "") f; nf++ }
+        }'
+    [ "$S4_FS" != ext4 ] || umount /mnt/s4 2>/dev/null || out "error=s4-umount"
     disk_accounting "$DISK"
 }
 
