@@ -34,6 +34,8 @@
 #           (default: randwrite + crc32c verify) | randrw (70 % reads) | both (verify, then
 #           randrw); blkswarm.stress_disks=N (the first N disks; default all); iodepth=
 #           (default 8) runtime= (default 60) size= (per disk, default 32m)
+#   run: the user's command from /etc/blkswarm/run after the disks are up (blkswarm-guest
+#        --run), its output as "@@run LINE", run_status=N, then the files to fetch back
 #
 # Output: only result lines "@@guest key=value ..." (serial output is expensive in the
 # lab), ending with "@@guest done"; then the guest powers off. Whatever fails, "done"
@@ -985,6 +987,39 @@ scenario_multipath() {
     done
 }
 
+# run: the user's command (/etc/blkswarm/run, put into the image by the runner's overlay,
+# tests/src/overlay.rs) once the disks are up, in /root, with sh. Each line it prints
+# (stdout and stderr) comes out as "@@run LINE", its exit status as run_status=N. Then each
+# file named in /etc/blkswarm/fetch goes back over the console: "@@fetch begin path=P",
+# gzip'd and in base64 in "@@fetch data=" lines, "@@guest fetched=P size=N sha256=H
+# encoding=gzip" (the host checks both); fetch_missing=P or fetch_too_big=P size=N (over
+# 1 MiB: the serial console is slow in the lab).
+scenario_run() {
+    local rc p size
+    out "kernel=$(uname -r)"
+    wait_disks
+    out "disks=$(count_disks)"
+    if [ ! -f /etc/blkswarm/run ]; then
+        out "error=no-run-command"
+        return 1
+    fi
+    cd /root || return 1
+    # The status goes through a file: in a pipeline $? is sed's.
+    { sh /etc/blkswarm/run </dev/null 2>&1; echo "$?" >/tmp/run.status; } | sed 's/^/@@run /'
+    rc=$(cat /tmp/run.status 2>/dev/null)
+    out "run_status=${rc:-none}"
+    [ -f /etc/blkswarm/fetch ] || return 0
+    while read -r p; do
+        [ -n "$p" ] || continue
+        if [ ! -f "$p" ]; then out "fetch_missing=$p"; continue; fi
+        size=$(wc -c <"$p")
+        if [ "$size" -gt 1048576 ]; then out "fetch_too_big=$p size=$size"; continue; fi
+        echo "@@fetch begin path=$p"
+        gzip -9c "$p" | base64 | sed 's/^/@@fetch data=/'
+        out "fetched=$p size=$size sha256=$(sha256sum "$p" | cut -d' ' -f1) encoding=gzip"
+    done </etc/blkswarm/fetch
+}
+
 main() {
     load_modules
     out "scenario=$SCEN"
@@ -1002,6 +1037,7 @@ main() {
         stress) scenario_stress ;;
         probe) scenario_probe ;;
         nvme-info) scenario_nvme_info ;;
+        run) scenario_run ;;
         *) out "error=unknown-scenario" ;;
     esac
 }

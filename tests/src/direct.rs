@@ -68,11 +68,8 @@ pub(crate) fn run_one(
         .join(&spec.name);
     let argv = match bin {
         Some(bin) => {
-            let mut argv = spec.argv(
-                &bin.to_string_lossy(),
-                &paths.guest_kernel().to_string_lossy(),
-                &paths.guest_initramfs().to_string_lossy(),
-            );
+            let (kernel, initramfs) = spec.image_paths(crate::Mode::Direct, paths);
+            let mut argv = spec.argv(&bin.to_string_lossy(), &kernel, &initramfs);
             if spec.uses_vmm() {
                 argv.extend(["--report".to_string(), report_dir.display().to_string()]);
             }
@@ -115,8 +112,10 @@ pub(crate) fn run_one(
                     out.report = Some(json.to_string());
                     continue;
                 }
-                if verbose {
-                    eprintln!("{tag}{}", crate::parse::clean_line(&line));
+                // A fetched file's base64 lines are data, not news.
+                let clean = crate::parse::clean_line(&line);
+                if verbose && !clean.starts_with("@@fetch data=") {
+                    eprintln!("{tag}{clean}");
                 }
                 collected.feed(&line);
                 out.console.push_str(&crate::parse::clean_line(&line));

@@ -162,7 +162,11 @@ pub fn plan_script(specs: &[GuestSpec]) -> String {
          trace_fault() { [ \"$2\" = 3 ] || return 0; type lab_trace_dump >/dev/null 2>&1 || return 0; lab_trace_dump \"$1\"; }\n",
     );
     for spec in specs {
-        let mut argv = spec.argv(LAB_BIN, LAB_KERNEL, LAB_INITRAMFS);
+        let (kernel, initramfs) = match &spec.image {
+            Some(image) => image.lab_paths(),
+            None => (LAB_KERNEL.to_string(), LAB_INITRAMFS.to_string()),
+        };
+        let mut argv = spec.argv(LAB_BIN, &kernel, &initramfs);
         let report_dir = format!("{LAB_REPORTS}/{}", spec.name);
         if spec.uses_vmm() {
             argv.extend(["--report".to_string(), report_dir.clone()]);
@@ -734,6 +738,8 @@ pub fn run(
                         Some((head, json)) if head.starts_with("@@lab report ") => {
                             eprintln!("[{}] {head} ({} bytes of JSON)", cfg.label, json.len())
                         }
+                        // A fetched file's base64 lines are data, not news.
+                        _ if clean.starts_with("@@fetch data=") => {}
                         _ => eprintln!("[{}] {clean}", cfg.label),
                     }
                 }

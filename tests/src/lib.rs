@@ -22,6 +22,7 @@ pub mod cpio;
 pub mod detect;
 mod direct;
 pub mod lab;
+pub mod overlay;
 pub mod parse;
 pub mod paths;
 pub mod qemu_l2;
@@ -29,6 +30,7 @@ pub mod report;
 pub mod shard;
 pub mod shell;
 pub mod stress;
+pub mod user_kernel;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -116,6 +118,26 @@ pub struct GuestSpec {
     /// Needs nothing that earlier guests of the plan made (images, files): after a lab
     /// failure it may run again alone, without them.
     pub self_contained: bool,
+    /// Boot this kernel and initramfs instead of the cache's (a user's kernel, files copied
+    /// in, a command to run: [`overlay`]).
+    pub image: Option<GuestImage>,
+}
+
+/// A guest kernel and initramfs other than the cache's, by host path. `label` names it in
+/// the lab (`/lab/images/LABEL/`): letters, digits, `_`, `-`, `.`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub label: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl GuestImage {
+    /// Where the kernel and initramfs are inside L1.
+    pub fn lab_paths(&self) -> (String, String) {
+        let dir = format!("/lab/images/{}", self.label);
+        (format!("{dir}/vmlinuz"), format!("{dir}/initramfs.cpio.gz"))
+    }
 }
 
 /// The part of the guest command line the harness always sets.
@@ -136,6 +158,29 @@ impl GuestSpec {
             command: None,
             command_runs_vmm: false,
             self_contained: false,
+            image: None,
+        }
+    }
+
+    /// Boots `image` instead of the cache's kernel and initramfs.
+    pub fn image(mut self, image: GuestImage) -> Self {
+        self.image = Some(image);
+        self
+    }
+
+    /// The kernel and initramfs paths blkswarm is given where guests run in `mode`.
+    pub fn image_paths(&self, mode: Mode, paths: &Paths) -> (String, String) {
+        match (&self.image, mode) {
+            (Some(image), Mode::Lab) => image.lab_paths(),
+            (Some(image), Mode::Direct) => (
+                image.kernel.display().to_string(),
+                image.initramfs.display().to_string(),
+            ),
+            (None, Mode::Lab) => (lab::LAB_KERNEL.into(), lab::LAB_INITRAMFS.into()),
+            (None, Mode::Direct) => (
+                paths.guest_kernel().display().to_string(),
+                paths.guest_initramfs().display().to_string(),
+            ),
         }
     }
 
@@ -252,6 +297,14 @@ impl GuestSpec {
                 self.name
             ));
         }
+        if let Some(image) = &self.image {
+            if !word(&image.label) {
+                return Err(format!(
+                    "{}: image label {:?} must be non-empty and only letters, digits, _ - .",
+                    self.name, image.label
+                ));
+            }
+        }
         if let Some(cmd) = &self.command {
             if cmd.is_empty() {
                 return Err(format!("{}: empty custom command", self.name));
@@ -323,20 +376,15 @@ pub fn tail(text: &str, n: usize) -> String {
 /// lab, the host's directly), for steps that start blkswarm themselves (a kill, a control
 /// socket request while the guest runs).
 pub fn vmm_argv(spec: &GuestSpec, mode: Mode) -> Vec<String> {
-    match mode {
-        Mode::Lab => spec.argv(lab::LAB_BIN, lab::LAB_KERNEL, lab::LAB_INITRAMFS),
-        Mode::Direct => {
-            let paths = paths::Paths::from_env();
-            let bin = paths
-                .vmm_bin()
-                .map_or_else(|_| "blkswarm".into(), |p| p.display().to_string());
-            spec.argv(
-                &bin,
-                &paths.guest_kernel().display().to_string(),
-                &paths.guest_initramfs().display().to_string(),
-            )
-        }
-    }
+    let paths = paths::Paths::from_env();
+    let (kernel, initramfs) = spec.image_paths(mode, &paths);
+    let bin = match mode {
+        Mode::Lab => lab::LAB_BIN.to_string(),
+        Mode::Direct => paths
+            .vmm_bin()
+            .map_or_else(|_| "blkswarm".into(), |p| p.display().to_string()),
+    };
+    spec.argv(&bin, &kernel, &initramfs)
 }
 
 /// A scratch directory for a guest step named `name` where its blkswarm runs (in L1's
@@ -409,10 +457,25 @@ pub fn guest_with_ctl(
     );
     GuestSpec {
         command_runs_vmm: true,
+        image: guest.image.clone(),
         ..GuestSpec::new(name, "boot")
             .timeout(timeout)
             .custom_command(["sh", "-c", &script])
     }
+}
+
+/// The lab payload files of the specs' own images (each label once).
+fn image_files(specs: &[GuestSpec]) -> Vec<(String, PathBuf)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for image in specs.iter().filter_map(|s| s.image.as_ref()) {
+        if seen.insert(image.label.clone()) {
+            let (kernel, initramfs) = image.lab_paths();
+            files.push((kernel, image.kernel.clone()));
+            files.push((initramfs, image.initramfs.clone()));
+        }
+    }
+    files
 }
 
 /// The `key=value` words of a result or report line (other words are skipped).
@@ -991,7 +1054,12 @@ impl Runner {
                     boot_timeout: self.lab_boot_timeout,
                     verbose: self.verbose,
                     guest_grace: lab::GUEST_GRACE,
-                    extra_files: self.lab_files.clone(),
+                    extra_files: self
+                        .lab_files
+                        .iter()
+                        .cloned()
+                        .chain(image_files(specs))
+                        .collect(),
                     label: "lab".to_string(),
                 };
                 let parallel = shard::lab_parallelism(self.lab_memory_mib);

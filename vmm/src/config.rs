@@ -208,7 +208,8 @@ usage: blkswarm --kernel BZIMAGE [--initramfs CPIO] [--cmdline STR]
                 [--disk KEYS]... [--disks count=N,KEYS]... [--nvme KEYS]...
                 [--nvmes count=N,KEYS]... [--io-threads N]
 
-  --kernel PATH          bzImage to boot directly (no firmware)
+  --kernel PATH          bzImage to boot directly (no firmware), or a kernel build
+                         tree (its arch/x86/boot/bzImage)
   --initramfs PATH       initramfs handed to the kernel
   --cmdline STR          kernel command line
   --cpus boot=N,max=M    N vCPUs online at boot, M possible (default boot=1, max=boot)
@@ -333,7 +334,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         match name.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--kernel" => kernel = Some(kernel_image(PathBuf::from(value()?))),
             "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
             "--cmdline" => cmdline = value()?,
             "--cpus" => cpus = Some(parse_cpus(&value()?)?),
@@ -1029,6 +1030,15 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
+/// `--kernel`: a kernel build tree stands for the bzImage it built.
+fn kernel_image(path: PathBuf) -> PathBuf {
+    if path.is_dir() {
+        path.join("arch/x86/boot/bzImage")
+    } else {
+        path
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1058,6 +1068,10 @@ mod tests {
             "size=1G",
         ]);
         assert_eq!(config.kernel, PathBuf::from("/k"));
+        // A directory is a kernel tree: its bzImage.
+        let tree = std::env::temp_dir();
+        let from_tree = run(&["--kernel", tree.to_str().unwrap()]);
+        assert_eq!(from_tree.kernel, tree.join("arch/x86/boot/bzImage"));
         assert_eq!(config.initramfs, Some(PathBuf::from("/i")));
         assert_eq!(config.cmdline, "console=ttyS0 quiet");
         assert_eq!(config.cpus, CpuConfig { boot: 2, max: 8 });

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use harness::{GuestSpec, Mode, Runner};
+use harness::overlay::{self, GuestFile, KernelWithModules, Overlay};
+use harness::user_kernel::{self, GuestNeeds, UserKernel};
+use harness::{GuestSpec, Mode, Paths, Runner};
 
 const USAGE: &str = "\
 usage: blkswarm-guest [options]
@@ -28,6 +30,22 @@ usage: blkswarm-guest [options]
   --setup CMD         shell command run before blkswarm (inside L1 in the lab)
   In --arg, --setup and --ctl, {scratch} is a scratch directory for this guest (made
   before --setup runs), e.g. for an image: --setup 'truncate -s 64M {scratch}/a.img'.
+Your kernel, your workload (docs/own-kernel.md):
+  --kernel PATH       boot this kernel: a bzImage or a kernel build tree (its
+                      arch/x86/boot/bzImage; its modules are installed into the cache
+                      with `make modules_install`); its .config (or config-RELEASE beside
+                      a bzImage) is checked for what the guest needs before anything boots
+  --modules DIR       the kernel's modules: an INSTALL_MOD_PATH root, a lib/modules
+                      directory or lib/modules/RELEASE itself
+  --guest-file HOST[:GUEST]  copy a host file or directory into the guest (default
+                      /root/NAME; GUEST ending in / keeps the name); repeatable
+  --run CMD           run CMD with sh in /root once the disks are up (scenario `run`);
+                      its output streams as `@@run LINE` and is printed after `run|`; the
+                      runner exits with its status (125: the guest itself failed)
+  --script FILE       like --run, the commands of FILE
+  --fetch GUEST_PATH  bring a guest file back after the command (up to 8 MiB, over the
+                      console), into --fetch-dir; repeatable
+  --fetch-dir DIR     default: target/blkswarm-guest/NAME/fetched
 Environment: BLKSWARM_MODE=direct|lab, BLKSWARM_VERBOSE=0, BLKSWARM_CACHE,
 BLKSWARM_BIN, BLKSWARM_QEMU.";
 
@@ -67,6 +85,13 @@ fn parse_memory_mib(s: &str) -> Result<u64, String> {
 
 struct Cli {
     spec: GuestSpec,
+    kernel: Option<PathBuf>,
+    modules: Option<PathBuf>,
+    guest_files: Vec<GuestFile>,
+    /// `--run` or `--script`: the commands.
+    run: Option<String>,
+    fetch: Vec<String>,
+    fetch_dir: Option<PathBuf>,
     lab_memory_mib: Option<u64>,
     report_dir: Option<PathBuf>,
     /// `--ctl`: (delay in seconds, request).
@@ -100,6 +125,172 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// What the guest's kernel must have: the disk kinds of the blkswarm arguments and
+    /// the vCPU count.
+    fn needs(&self) -> GuestNeeds {
+        let has = |flags: &[&str]| {
+            self.spec
+                .extra_args
+                .iter()
+                .any(|a| flags.contains(&a.as_str()))
+        };
+        GuestNeeds {
+            virtio_blk: has(&["--disk", "--disks"]),
+            nvme: has(&["--nvme", "--nvmes"]),
+            max_cpus: self.spec.max_cpus,
+        }
+    }
+
+    /// The user's kernel, checked, with its modules; None without --kernel. Prints what it
+    /// found on stderr.
+    fn user_kernel(&self, paths: &Paths) -> Result<Option<KernelWithModules>, String> {
+        let Some(path) = &self.kernel else {
+            if self.modules.is_some() {
+                return Err("--modules goes with --kernel".into());
+            }
+            return Ok(None);
+        };
+        let kernel = UserKernel::open(path)?;
+        let needs = self.needs();
+        if let Some(warning) = kernel.check_config(needs)? {
+            eprintln!("blkswarm-guest: warning: {warning}");
+        }
+        let store = paths.cache.join("user-kernels").join(&kernel.release);
+        let modules = match &self.modules {
+            Some(dir) => Some(user_kernel::find_modules(
+                dir,
+                &kernel.release,
+                &store.join("links"),
+            )?),
+            None => user_kernel::install_tree_modules(&kernel, &store.join("modules"))?,
+        };
+        let (boot_modules, ondemand_modules) =
+            user_kernel::guest_modules(&kernel, modules.as_ref(), needs)?;
+        let names = |l: &user_kernel::ModuleList| {
+            l.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!(
+            "blkswarm-guest: kernel {} from {} (config {}; modules: {}{})",
+            kernel.release,
+            kernel.bzimage.display(),
+            kernel
+                .config
+                .as_ref()
+                .map_or("not checked".to_string(), |(f, _)| format!(
+                    "{} checked",
+                    f.display()
+                )),
+            modules
+                .as_ref()
+                .map_or("none".to_string(), |m| format!("{} ", m.dir().display())),
+            if boot_modules.is_empty() && ondemand_modules.is_empty() {
+                "(drivers built in)".to_string()
+            } else {
+                format!(
+                    "boot: {}, on demand: {}",
+                    names(&boot_modules),
+                    names(&ondemand_modules)
+                )
+            }
+        );
+        Ok(Some(KernelWithModules {
+            kernel,
+            boot_modules,
+            ondemand_modules,
+        }))
+    }
+
+    /// Puts the user's kernel, files and command into an image for this guest.
+    fn prepare_image(&mut self, paths: &Paths) -> Result<(), String> {
+        let overlay = Overlay {
+            kernel: self.user_kernel(paths)?,
+            files: self.guest_files.clone(),
+            run: self.run.clone(),
+            fetch: self.fetch.clone(),
+        };
+        if overlay.is_empty() {
+            return Ok(());
+        }
+        let dir = paths
+            .repo
+            .join("target/blkswarm-guest")
+            .join(&self.spec.name);
+        let image = overlay.build(paths, &self.spec.name, &dir)?;
+        self.spec.image = Some(image);
+        Ok(())
+    }
+}
+
+/// With --run: the command's output, its status, the fetched files saved; returns the
+/// runner's exit status (the command's, or 125 when the guest or a fetch failed).
+fn finish_run(cli: &Cli, o: &harness::GuestOutcome, clean: bool) -> u8 {
+    for line in overlay::run_output(&o.console) {
+        println!("run| {line}");
+    }
+    let dir = cli.fetch_dir.clone().unwrap_or_else(|| {
+        Paths::from_env()
+            .repo
+            .join("target/blkswarm-guest")
+            .join(&o.name)
+            .join("fetched")
+    });
+    let mut fetch_failed = false;
+    let fetched = overlay::fetched_files(&o.console);
+    for want in &cli.fetch {
+        match fetched.iter().find(|f| &f.path == want).map(|f| &f.data) {
+            Some(Ok(data)) => {
+                let to = dir.join(want.trim_start_matches('/'));
+                let saved = to
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&to, data));
+                match saved {
+                    Ok(()) => println!(
+                        "fetched:     {want} -> {} ({} bytes)",
+                        to.display(),
+                        data.len()
+                    ),
+                    Err(e) => {
+                        fetch_failed = true;
+                        println!("fetched:     {want}: NOT SAVED: {}: {e}", to.display());
+                    }
+                }
+            }
+            Some(Err(why)) => {
+                fetch_failed = true;
+                println!("fetched:     {want}: FAILED: {why}");
+            }
+            None => {
+                fetch_failed = true;
+                println!("fetched:     {want}: FAILED: the guest sent nothing for it");
+            }
+        }
+    }
+    let status = o.get("run_status").and_then(|s| s.parse::<u8>().ok());
+    match status {
+        Some(code) if clean => {
+            println!("command:     exit status {code}");
+            if code == 0 && fetch_failed {
+                125
+            } else {
+                code
+            }
+        }
+        _ => {
+            println!(
+                "command:     {} (exit 125: the guest did not run it to the end)",
+                o.get("run_status")
+                    .map_or("no status".to_string(), |s| format!("status {s}"))
+            );
+            125
+        }
+    }
+}
+
 /// `SECS:REQUEST`.
 fn parse_ctl(s: &str) -> Result<(u32, String), String> {
     let (delay, request) = s
@@ -127,6 +318,13 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     let mut report_dir = None;
     let mut ctl = Vec::new();
     let mut setup = None;
+    let mut scenario_given = false;
+    let mut kernel = None;
+    let mut modules = None;
+    let mut guest_files = Vec::new();
+    let mut run = None;
+    let mut fetch = Vec::new();
+    let mut fetch_dir = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-h" || a == "--help" {
@@ -143,7 +341,33 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag {
-            "--scenario" => scenario = value()?,
+            "--scenario" => {
+                scenario = value()?;
+                scenario_given = true;
+            }
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--modules" => modules = Some(PathBuf::from(value()?)),
+            "--guest-file" => guest_files.push(GuestFile::parse(&value()?)?),
+            "--run" | "--script" if run.is_some() => {
+                return Err("give one --run or --script (put several commands in a script)".into())
+            }
+            "--run" => run = Some(format!("{}\n", value()?)),
+            "--script" => {
+                let file = value()?;
+                run = Some(
+                    std::fs::read_to_string(&file).map_err(|e| format!("--script {file}: {e}"))?,
+                );
+            }
+            "--fetch" => {
+                let p = value()?;
+                if !p.starts_with('/') || p.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "--fetch {p:?}: a guest path must be absolute, without spaces"
+                    ));
+                }
+                fetch.push(p);
+            }
+            "--fetch-dir" => fetch_dir = Some(PathBuf::from(value()?)),
             "--name" => name = Some(value()?),
             "--cpus" => cpus = parse_cpus(&value()?)?,
             "--memory" => memory = parse_memory_mib(&value()?)?,
@@ -168,6 +392,16 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    if run.is_some() {
+        if scenario_given && scenario != "run" {
+            return Err(format!(
+                "--run/--script run in the scenario `run`, not {scenario:?}: leave out --scenario"
+            ));
+        }
+        scenario = "run".to_string();
+    } else if !fetch.is_empty() {
+        return Err("--fetch brings files back after --run or --script: give one".into());
+    }
     let mut spec = GuestSpec::new(name.unwrap_or_else(|| scenario.clone()), scenario)
         .cpus(cpus.0, cpus.1)
         .memory_mib(memory)
@@ -178,6 +412,12 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     spec.extra_args = extra;
     Ok(Some(Cli {
         spec,
+        kernel,
+        modules,
+        guest_files,
+        run,
+        fetch,
+        fetch_dir,
         lab_memory_mib,
         report_dir,
         ctl,
@@ -187,7 +427,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let cli = match parse_args(&args) {
+    let mut cli = match parse_args(&args) {
         Ok(Some(cli)) => cli,
         Ok(None) => {
             println!("{USAGE}");
@@ -198,6 +438,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Bad input (a kernel, its modules, its config, a file) is said before anything boots.
+    if let Err(e) = cli.prepare_image(&Paths::from_env()) {
+        eprintln!("blkswarm-guest: {e}");
+        return ExitCode::from(2);
+    }
     let mut runner = match Runner::detect() {
         Ok(r) => r,
         Err(e) => {
@@ -271,6 +516,18 @@ fn main() -> ExitCode {
         for line in harness::report::direction_comparison(o).unwrap_or_default() {
             println!("{line}");
         }
+    }
+    if cli.run.is_some() {
+        let clean = o.expect_clean();
+        if let Err(e) = &clean {
+            eprintln!("{e}");
+        }
+        let code = finish_run(&cli, o, clean.is_ok());
+        println!(
+            "result:      {}",
+            if clean.is_ok() { "clean" } else { "NOT CLEAN" }
+        );
+        return ExitCode::from(code);
     }
     match o.expect_clean() {
         Ok(()) => {
