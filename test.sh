@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 bash guests/build.sh
+# The user's kernel tree tests/tests/own_kernel.rs boots (Debian's linux-source-6.1, a
+# minimal config; ~8 min on 2 cores the first time, cached in .cache/src after).
+bash guests/kernel-from-source.sh >/dev/null
 cargo build --release --locked -p blkswarm
 
 # The harness appends one line per lab failure and one summary per lab run here.

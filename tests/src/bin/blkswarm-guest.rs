@@ -496,10 +496,12 @@ fn main() -> ExitCode {
     }
     println!("guest wall:  {}", ms(o.wall_ms));
     if let Some(json) = &o.report {
-        let dir = cli
-            .report_dir
-            .clone()
-            .unwrap_or_else(|| Path::new("target/blkswarm-reports").join(&o.name));
+        let dir = cli.report_dir.clone().unwrap_or_else(|| {
+            Paths::from_env()
+                .repo
+                .join("target/blkswarm-reports")
+                .join(&o.name)
+        });
         match save_report(json, &dir, &runner) {
             Ok(files) => {
                 for file in files {
