@@ -151,12 +151,17 @@ fn own_kernel_tree_boots_500_disks_and_runs_a_users_fio_job() {
     let _ = std::fs::remove_dir_all(&fetch_dir);
 }
 
-/// Also the tree kernel's NVMe driver, a module (CONFIG_BLK_DEV_NVME=m): installed from the
-/// tree, put in the image and loaded, its namespace is a disk.
+/// A kernel matrix of two (Debian's 6.12 from the cache, and the tree's 6.1) in one lab
+/// run, each running a command that fails: each guest's status and output come back, the
+/// runner exits with the status, and the matrix has one row per kernel. Also the tree
+/// kernel's NVMe driver, a module (CONFIG_BLK_DEV_NVME=m): installed from the tree, put in
+/// the image and loaded, its namespace is a disk.
 #[test]
-fn a_failing_command_returns_its_status_and_its_output() {
+fn a_failing_command_returns_its_status_and_its_output_on_each_kernel() {
     let tree_arg = tree().display().to_string();
     let out = runner(&[
+        "--kernel",
+        "debian",
         "--kernel",
         &tree_arg,
         "--name",
@@ -170,16 +175,28 @@ fn a_failing_command_returns_its_status_and_its_output() {
     ]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(7), "{text}");
-    assert!(
-        text.contains("run| nvme0n1-is-a-disk\nrun| to-stdout\nrun| to-stderr\n"),
-        "{text}"
-    );
+    let both = |want: &str| assert_eq!(text.matches(want).count(), 2, "{want:?} twice in:\n{text}");
+    both("run| nvme0n1-is-a-disk\nrun| to-stdout\nrun| to-stderr\n");
+    both("command:     exit status 7");
+    both("fetched:     /root/never-written: FAILED: no such file");
     assert!(guest(&text, "error").is_none(), "a guest error: {text}");
-    assert!(text.contains("command:     exit status 7"), "{text}");
-    assert!(
-        text.contains("fetched:     /root/never-written: FAILED: no such file"),
-        "{text}"
-    );
+    // The matrix: one row per kernel, each clean, status 7, one disk.
+    let debian = std::fs::read_to_string(repo().join(".cache/guest/kernel-version"))
+        .expect("the cache's kernel version");
+    let own = UserKernel::open(tree()).unwrap().release;
+    let matrix = text
+        .split("== kernel matrix: scenario=run\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no matrix in:\n{text}"));
+    for release in [debian.trim(), own.as_str()] {
+        let row: Vec<&str> = matrix
+            .lines()
+            .find(|l| l.starts_with(release))
+            .unwrap_or_else(|| panic!("no row for {release} in:\n{matrix}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[1..4], ["clean", "7", "1"], "{row:?}");
+    }
 }
 
 /// The runner exits 2 before booting anything, saying each of `why`.

@@ -34,9 +34,12 @@ Your kernel, your workload (docs/own-kernel.md):
   --kernel PATH       boot this kernel: a bzImage or a kernel build tree (its
                       arch/x86/boot/bzImage; its modules are installed into the cache
                       with `make modules_install`); its .config (or config-RELEASE beside
-                      a bzImage) is checked for what the guest needs before anything boots
-  --modules DIR       the kernel's modules: an INSTALL_MOD_PATH root, a lib/modules
-                      directory or lib/modules/RELEASE itself
+                      a bzImage) is checked for what the guest needs before anything boots;
+                      `debian` is the cache's Debian kernel. Repeat it for a kernel
+                      matrix: the same guest on each kernel, in one lab run, one row per
+                      kernel at the end
+  --modules DIR       the modules of the --kernel before it: an INSTALL_MOD_PATH root, a
+                      lib/modules directory or lib/modules/RELEASE itself
   --guest-file HOST[:GUEST]  copy a host file or directory into the guest (default
                       /root/NAME; GUEST ending in / keeps the name); repeatable
   --run CMD           run CMD with sh in /root once the disks are up (scenario `run`);
@@ -83,10 +86,17 @@ fn parse_memory_mib(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("--memory {s:?}: expected e.g. 1G or 512M"))
 }
 
+/// One `--kernel PATH` (None: the cache's Debian kernel) and its `--modules DIR`.
+#[derive(Debug, Clone, Default)]
+struct KernelArg {
+    path: Option<PathBuf>,
+    modules: Option<PathBuf>,
+}
+
 struct Cli {
     spec: GuestSpec,
-    kernel: Option<PathBuf>,
-    modules: Option<PathBuf>,
+    /// `--kernel` values in order, each with its `--modules`.
+    kernels: Vec<KernelArg>,
     guest_files: Vec<GuestFile>,
     /// `--run` or `--script`: the commands.
     run: Option<String>,
@@ -102,10 +112,10 @@ struct Cli {
 impl Cli {
     /// The guest to run in `mode`: with `--ctl` or `--setup`, a step that runs blkswarm with
     /// a control socket and sends the requests; `{scratch}` replaced everywhere.
-    fn guest(&self, mode: Mode) -> GuestSpec {
-        let scratch = harness::scratch_dir(&self.spec.name, mode);
+    fn guest(&self, spec: &GuestSpec, mode: Mode) -> GuestSpec {
+        let scratch = harness::scratch_dir(&spec.name, mode);
         let fill = |s: &str| s.replace("{scratch}", &scratch);
-        let mut spec = self.spec.clone();
+        let mut spec = spec.clone();
         spec.extra_args = spec.extra_args.iter().map(|a| fill(a)).collect();
         if self.ctl.is_empty() && self.setup.is_none() {
             return spec;
@@ -142,12 +152,16 @@ impl Cli {
         }
     }
 
-    /// The user's kernel, checked, with its modules; None without --kernel. Prints what it
-    /// found on stderr.
-    fn user_kernel(&self, paths: &Paths) -> Result<Option<KernelWithModules>, String> {
-        let Some(path) = &self.kernel else {
-            if self.modules.is_some() {
-                return Err("--modules goes with --kernel".into());
+    /// The user's kernel, checked, with its modules; None for the cache's kernel. Prints
+    /// what it found on stderr.
+    fn user_kernel(
+        &self,
+        arg: &KernelArg,
+        paths: &Paths,
+    ) -> Result<Option<KernelWithModules>, String> {
+        let Some(path) = &arg.path else {
+            if arg.modules.is_some() {
+                return Err("--modules goes with a --kernel that is not `debian`".into());
             }
             return Ok(None);
         };
@@ -157,7 +171,7 @@ impl Cli {
             eprintln!("blkswarm-guest: warning: {warning}");
         }
         let store = paths.cache.join("user-kernels").join(&kernel.release);
-        let modules = match &self.modules {
+        let modules = match &arg.modules {
             Some(dir) => Some(user_kernel::find_modules(
                 dir,
                 &kernel.release,
@@ -204,24 +218,52 @@ impl Cli {
         }))
     }
 
-    /// Puts the user's kernel, files and command into an image for this guest.
-    fn prepare_image(&mut self, paths: &Paths) -> Result<(), String> {
-        let overlay = Overlay {
-            kernel: self.user_kernel(paths)?,
-            files: self.guest_files.clone(),
-            run: self.run.clone(),
-            fetch: self.fetch.clone(),
+    /// The guests to run: one per `--kernel` (named NAME-RELEASE when there are several),
+    /// each with an image holding its kernel, the files and the command.
+    fn guests(&self, paths: &Paths) -> Result<Vec<GuestSpec>, String> {
+        let one = [KernelArg::default()];
+        let kernels = if self.kernels.is_empty() {
+            &one[..]
+        } else {
+            &self.kernels[..]
         };
-        if overlay.is_empty() {
-            return Ok(());
+        let mut specs: Vec<GuestSpec> = Vec::new();
+        for arg in kernels {
+            let kernel = self.user_kernel(arg, paths)?;
+            let mut spec = self.spec.clone();
+            if kernels.len() > 1 {
+                let release = kernel.as_ref().map_or_else(
+                    || paths.kernel_version().unwrap_or_else(|| "debian".into()),
+                    |k| k.kernel.release.clone(),
+                );
+                let release: String = release
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "_-.".contains(c) {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                spec.name = format!("{}-{release}", self.spec.name);
+                if specs.iter().any(|s| s.name == spec.name) {
+                    return Err(format!("kernel {release} is given twice"));
+                }
+            }
+            let overlay = Overlay {
+                kernel,
+                files: self.guest_files.clone(),
+                run: self.run.clone(),
+                fetch: self.fetch.clone(),
+            };
+            if !overlay.is_empty() {
+                let dir = paths.repo.join("target/blkswarm-guest").join(&spec.name);
+                spec.image = Some(overlay.build(paths, &spec.name, &dir)?);
+            }
+            specs.push(spec);
         }
-        let dir = paths
-            .repo
-            .join("target/blkswarm-guest")
-            .join(&self.spec.name);
-        let image = overlay.build(paths, &self.spec.name, &dir)?;
-        self.spec.image = Some(image);
-        Ok(())
+        Ok(specs)
     }
 }
 
@@ -319,8 +361,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     let mut ctl = Vec::new();
     let mut setup = None;
     let mut scenario_given = false;
-    let mut kernel = None;
-    let mut modules = None;
+    let mut kernels: Vec<KernelArg> = Vec::new();
     let mut guest_files = Vec::new();
     let mut run = None;
     let mut fetch = Vec::new();
@@ -345,8 +386,20 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
                 scenario = value()?;
                 scenario_given = true;
             }
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--modules" => modules = Some(PathBuf::from(value()?)),
+            "--kernel" => {
+                let v = value()?;
+                kernels.push(KernelArg {
+                    path: (v != "debian").then(|| PathBuf::from(v)),
+                    modules: None,
+                });
+            }
+            "--modules" => {
+                let dir = PathBuf::from(value()?);
+                match kernels.last_mut() {
+                    Some(k) if k.modules.is_none() => k.modules = Some(dir),
+                    _ => return Err("--modules DIR follows the --kernel it belongs to".into()),
+                }
+            }
             "--guest-file" => guest_files.push(GuestFile::parse(&value()?)?),
             "--run" | "--script" if run.is_some() => {
                 return Err("give one --run or --script (put several commands in a script)".into())
@@ -412,8 +465,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
     spec.extra_args = extra;
     Ok(Some(Cli {
         spec,
-        kernel,
-        modules,
+        kernels,
         guest_files,
         run,
         fetch,
@@ -427,7 +479,7 @@ fn parse_args(args: &[String]) -> Result<Option<Cli>, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut cli = match parse_args(&args) {
+    let cli = match parse_args(&args) {
         Ok(Some(cli)) => cli,
         Ok(None) => {
             println!("{USAGE}");
@@ -439,10 +491,13 @@ fn main() -> ExitCode {
         }
     };
     // Bad input (a kernel, its modules, its config, a file) is said before anything boots.
-    if let Err(e) = cli.prepare_image(&Paths::from_env()) {
-        eprintln!("blkswarm-guest: {e}");
-        return ExitCode::from(2);
-    }
+    let specs = match cli.guests(&Paths::from_env()) {
+        Ok(specs) => specs,
+        Err(e) => {
+            eprintln!("blkswarm-guest: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut runner = match Runner::detect() {
         Ok(r) => r,
         Err(e) => {
@@ -453,15 +508,33 @@ fn main() -> ExitCode {
     if let Some(mib) = cli.lab_memory_mib {
         runner = runner.lab_memory_mib(mib);
     }
-    let spec = cli.guest(runner.mode());
-    let (outcomes, lab) = match runner.run(std::slice::from_ref(&spec)) {
+    let steps: Vec<GuestSpec> = specs.iter().map(|s| cli.guest(s, runner.mode())).collect();
+    let (outcomes, lab) = match runner.run(&steps) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let o = &outcomes[0];
+    let codes: Vec<u8> = outcomes
+        .iter()
+        .map(|o| report_guest(&cli, &runner, o, lab.as_ref()))
+        .collect();
+    if outcomes.len() > 1 {
+        print_matrix(&cli, &outcomes, &codes);
+    }
+    // A matrix fails with its first failing row's status.
+    ExitCode::from(codes.iter().copied().find(|&c| c != 0).unwrap_or(0))
+}
+
+/// Prints one guest's results and blkswarm's report; returns its exit status: with --run
+/// the command's (125 when the guest failed), else 0 when clean and 1 when not.
+fn report_guest(
+    cli: &Cli,
+    runner: &Runner,
+    o: &harness::GuestOutcome,
+    lab: Option<&harness::LabReport>,
+) -> u8 {
     let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
     println!("== blkswarm-guest: {}", o.name);
     println!("mode:        {} ({})", runner.mode(), runner.why());
@@ -486,7 +559,7 @@ fn main() -> ExitCode {
         "exit code:   {}",
         o.exit_code.map_or("none".to_string(), |c| c.to_string())
     );
-    if let Some(lab) = &lab {
+    if let Some(lab) = lab {
         println!(
             "L1 ready:    {} (host wall time since QEMU launch; L1 uptime {})",
             ms(lab.l1_ready_ms),
@@ -496,13 +569,15 @@ fn main() -> ExitCode {
     }
     println!("guest wall:  {}", ms(o.wall_ms));
     if let Some(json) = &o.report {
-        let dir = cli.report_dir.clone().unwrap_or_else(|| {
-            Paths::from_env()
+        let dir = match &cli.report_dir {
+            Some(d) if cli.kernels.len() > 1 => d.join(&o.name),
+            Some(d) => d.clone(),
+            None => Paths::from_env()
                 .repo
                 .join("target/blkswarm-reports")
-                .join(&o.name)
-        });
-        match save_report(json, &dir, &runner) {
+                .join(&o.name),
+        };
+        match save_report(json, &dir, runner) {
             Ok(files) => {
                 for file in files {
                     println!("report:      {}", file.display());
@@ -519,28 +594,70 @@ fn main() -> ExitCode {
             println!("{line}");
         }
     }
-    if cli.run.is_some() {
-        let clean = o.expect_clean();
-        if let Err(e) = &clean {
-            eprintln!("{e}");
-        }
-        let code = finish_run(&cli, o, clean.is_ok());
-        println!(
-            "result:      {}",
-            if clean.is_ok() { "clean" } else { "NOT CLEAN" }
-        );
-        return ExitCode::from(code);
+    let clean = o.expect_clean();
+    if let Err(e) = &clean {
+        eprintln!("{e}");
     }
-    match o.expect_clean() {
-        Ok(()) => {
-            println!("result:      clean");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            println!("result:      NOT CLEAN");
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
+    let code = if cli.run.is_some() {
+        finish_run(cli, o, clean.is_ok())
+    } else {
+        u8::from(clean.is_err())
+    };
+    println!(
+        "result:      {}",
+        if clean.is_ok() { "clean" } else { "NOT CLEAN" }
+    );
+    code
+}
+
+/// The kernel matrix: one row per kernel with its outcome and the host report's headline
+/// numbers, so that a difference between two kernels shows at a glance.
+fn print_matrix(cli: &Cli, outcomes: &[harness::GuestOutcome], codes: &[u8]) {
+    println!("== kernel matrix: scenario={}", cli.spec.scenario);
+    println!(
+        "{:<34} {:<9} {:>6} {:>6} {:>9} {:>10} {:>10} {:>10} {:>9}",
+        "kernel",
+        "result",
+        "status",
+        "disks",
+        "requests",
+        "interrupts",
+        "p50_us",
+        "p99_us",
+        "wall_ms"
+    );
+    for (o, code) in outcomes.iter().zip(codes) {
+        let vmm_line = |prefix: &str| {
+            o.console
+                .lines()
+                .map(str::trim)
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|rest| rest.to_string())
+                .unwrap_or_default()
+        };
+        let report = vmm_line("@@vmm report ");
+        let total = vmm_line("@@vmm latency phase=total ");
+        let report = harness::words(&report);
+        let total = harness::words(&total);
+        let get = |m: &std::collections::BTreeMap<&str, &str>, k: &str| {
+            m.get(k).map_or("-".to_string(), |v| v.to_string())
+        };
+        println!(
+            "{:<34} {:<9} {:>6} {:>6} {:>9} {:>10} {:>10} {:>10} {:>9}",
+            o.get("kernel").unwrap_or(&o.name),
+            if o.expect_clean().is_ok() {
+                "clean"
+            } else {
+                "NOT-CLEAN"
+            },
+            code,
+            o.get("disks").unwrap_or("-"),
+            get(&report, "requests"),
+            get(&report, "interrupts"),
+            get(&total, "p50_us"),
+            get(&total, "p99_us"),
+            o.wall_ms.map_or("-".to_string(), |w| w.to_string()),
+        );
     }
 }
 
@@ -608,6 +725,56 @@ mod tests {
     }
 
     #[test]
+    fn modules_belong_to_the_kernel_before_them() {
+        let cli = parse_args(&args(&[
+            "--kernel",
+            "debian",
+            "--kernel",
+            "/k/tree",
+            "--modules",
+            "/m",
+            "--kernel",
+            "/k/bzImage",
+        ]))
+        .unwrap()
+        .unwrap();
+        let k: Vec<(Option<&str>, Option<&str>)> = cli
+            .kernels
+            .iter()
+            .map(|k| {
+                (
+                    k.path.as_deref().and_then(|p| p.to_str()),
+                    k.modules.as_deref().and_then(|p| p.to_str()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            k,
+            [
+                (None, None),
+                (Some("/k/tree"), Some("/m")),
+                (Some("/k/bzImage"), None)
+            ]
+        );
+        assert!(parse_args(&args(&["--modules", "/m"])).is_err());
+        assert!(parse_args(&args(&[
+            "--kernel",
+            "/k",
+            "--modules",
+            "/a",
+            "--modules",
+            "/b"
+        ]))
+        .is_err());
+        // --run picks the run scenario; another scenario with it is refused.
+        let run = parse_args(&args(&["--run", "true"])).unwrap().unwrap();
+        assert_eq!(run.spec.scenario, "run");
+        assert!(parse_args(&args(&["--scenario", "disks", "--run", "true"])).is_err());
+        assert!(parse_args(&args(&["--fetch", "/x"])).is_err());
+        assert!(parse_args(&args(&["--run", "true", "--fetch", "rel"])).is_err());
+    }
+
+    #[test]
     fn ctl_requests_make_a_step_with_a_control_socket() {
         let cli = parse_args(&args(&[
             "--name",
@@ -629,7 +796,7 @@ mod tests {
                 (5, "reset pci=0000:00:01.0".to_string())
             ]
         );
-        let step = cli.guest(Mode::Lab);
+        let step = cli.guest(&cli.spec, Mode::Lab);
         assert!(step.command_runs_vmm);
         let script = step.command.unwrap().join(" ");
         assert!(
@@ -647,7 +814,7 @@ mod tests {
         let plain = parse_args(&args(&["--arg=--disk", "--arg=path={scratch}/d.img"]))
             .unwrap()
             .unwrap();
-        let spec = plain.guest(Mode::Lab);
+        let spec = plain.guest(&plain.spec, Mode::Lab);
         assert!(spec.command.is_none());
         assert_eq!(spec.extra_args, ["--disk", "path=/tmp/blkswarm-boot/d.img"]);
         for bad in ["--ctl=x:fatal", "--ctl=fatal", "--ctl=3:"] {
