@@ -358,6 +358,9 @@ fn link_release_dir(dir: &Path, release: &str, links: &Path) -> Result<PathBuf, 
 
 /// `make modules_install` of the tree into `dest` (skipped when the tree's modules did
 /// not change since the last install there). None when the tree has no modules built.
+/// Runners started at once (tests run in parallel) take turns on a lock beside `dest`,
+/// and an install goes to a temporary directory moved into place when complete, so no
+/// one reads a half-installed or half-removed directory.
 pub fn install_tree_modules(kernel: &UserKernel, dest: &Path) -> Result<Option<ModuleDir>, String> {
     let Some(tree) = &kernel.tree else {
         return Ok(None);
@@ -371,6 +374,22 @@ pub fn install_tree_modules(kernel: &UserKernel, dest: &Path) -> Result<Option<M
         root: dest.to_path_buf(),
         release: kernel.release.clone(),
     };
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let lock_path = parent.join(".modules-install.lock");
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!(
+                "locking {}: {}",
+                lock_path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     let stamp_file = dest.join(".installed-from");
     let stamp = |p: &Path| {
         std::fs::metadata(p)
@@ -389,14 +408,15 @@ pub fn install_tree_modules(kernel: &UserKernel, dest: &Path) -> Result<Option<M
     {
         return Ok(Some(dir));
     }
-    let _ = std::fs::remove_dir_all(dest);
-    std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let staging = parent.join(".modules-install.tmp");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
     let out = Command::new("make")
         .arg("-s")
         .arg("-C")
         .arg(tree)
         .arg("modules_install")
-        .arg(format!("INSTALL_MOD_PATH={}", dest.display()))
+        .arg(format!("INSTALL_MOD_PATH={}", staging.display()))
         .arg("INSTALL_MOD_STRIP=1")
         .output()
         .map_err(|e| format!("make modules_install in {}: {e}", tree.display()))?;
@@ -408,15 +428,21 @@ pub fn install_tree_modules(kernel: &UserKernel, dest: &Path) -> Result<Option<M
             crate::tail(&String::from_utf8_lossy(&out.stderr), 20)
         ));
     }
-    if !dir.dir().is_dir() {
+    let installed = staging.join("lib/modules").join(&kernel.release);
+    if !installed.is_dir() {
         return Err(format!(
             "make modules_install in {} made no {}: is {} the tree's release?",
             tree.display(),
-            dir.dir().display(),
+            installed.display(),
             kernel.release
         ));
     }
-    std::fs::write(&stamp_file, want).map_err(|e| format!("{}: {e}", stamp_file.display()))?;
+    let staged_stamp = staging.join(".installed-from");
+    std::fs::write(&staged_stamp, want).map_err(|e| format!("{}: {e}", staged_stamp.display()))?;
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::rename(&staging, dest)
+        .map_err(|e| format!("{} -> {}: {e}", staging.display(), dest.display()))?;
+    drop(lock);
     Ok(Some(dir))
 }
 
