@@ -46,9 +46,16 @@ pub const CNS_NAMESPACE_DESCRIPTORS: u8 = 0x03;
 pub const FID_ARBITRATION: u8 = 0x01;
 pub const FID_POWER_MANAGEMENT: u8 = 0x02;
 pub const FID_TEMPERATURE_THRESHOLD: u8 = 0x04;
+/// Error Recovery: the time-limited error recovery (TLER) the host asks for; mandatory.
+pub const FID_ERROR_RECOVERY: u8 = 0x05;
 pub const FID_VOLATILE_WRITE_CACHE: u8 = 0x06;
 pub const FID_NUMBER_OF_QUEUES: u8 = 0x07;
 pub const FID_INTERRUPT_COALESCING: u8 = 0x08;
+/// Interrupt Vector Configuration: coalescing disable per vector; mandatory on PCIe.
+pub const FID_INTERRUPT_VECTOR_CONFIG: u8 = 0x09;
+/// Write Atomicity Normal: whether the host needs AWUN/NAWUN (bit 0 set: it does not);
+/// mandatory.
+pub const FID_WRITE_ATOMICITY_NORMAL: u8 = 0x0A;
 pub const FID_ASYNC_EVENT_CONFIG: u8 = 0x0B;
 
 pub const LOG_ERROR: u8 = 0x01;
@@ -89,6 +96,10 @@ const CRITICAL_TEMPERATURE_KELVIN: u16 = 373;
 const POWER_STATE_0_CENTIWATTS: u16 = 2500;
 /// Get Features "supported capabilities": changeable, not saveable, not per namespace.
 const FEATURE_CHANGEABLE: u32 = 1 << 2;
+/// ... and namespace specific (Error Recovery).
+const FEATURE_NAMESPACE_SPECIFIC: u32 = 1 << 1;
+/// Error Recovery's Deallocated or Unwritten Logical Block Error Enable: not supported.
+const ERROR_RECOVERY_DULBE: u32 = 1 << 16;
 
 /// Current feature values; a controller reset returns them to [`Features::defaults`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +114,11 @@ pub struct Features {
     pub io_completion_queues: u16,
     pub interrupt_coalescing: u32,
     pub async_event_config: u32,
+    /// Error Recovery's TLER (bits 15:0), one value for every namespace.
+    pub error_recovery: u32,
+    /// Interrupt Vector Configuration's Coalescing Disable, per MSI-X vector.
+    pub coalescing_disabled: Vec<bool>,
+    pub write_atomicity_normal: u32,
 }
 
 impl Features {
@@ -117,6 +133,9 @@ impl Features {
             io_completion_queues: config.max_io_queue_pairs,
             interrupt_coalescing: 0,
             async_event_config: 0,
+            error_recovery: 0,
+            coalescing_disabled: vec![false; usize::from(config.interrupt_vectors)],
+            write_atomicity_normal: 0,
         }
     }
 }
@@ -619,6 +638,26 @@ impl NvmeController {
             FID_NUMBER_OF_QUEUES => return self.set_number_of_queues(value),
             FID_INTERRUPT_COALESCING => features.interrupt_coalescing = value & 0xFFFF,
             FID_ASYNC_EVENT_CONFIG => features.async_event_config = value,
+            FID_ERROR_RECOVERY => {
+                let nsid = command.namespace_id();
+                if !(nsid == u32::MAX || self.is_active_namespace(nsid)) {
+                    return Err(Status::INVALID_NAMESPACE);
+                }
+                if value & ERROR_RECOVERY_DULBE != 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                self.features.error_recovery = value & 0xFFFF;
+            }
+            FID_INTERRUPT_VECTOR_CONFIG => {
+                let vector = (value & 0xFFFF) as usize;
+                let disabled = self
+                    .features
+                    .coalescing_disabled
+                    .get_mut(vector)
+                    .ok_or(Status::INVALID_FIELD)?;
+                *disabled = value & (1 << 16) != 0;
+            }
+            FID_WRITE_ATOMICITY_NORMAL => self.features.write_atomicity_normal = value & 1,
             _ => return Err(Status::INVALID_FIELD),
         }
         Ok(0)
@@ -668,8 +707,13 @@ impl NvmeController {
                         | FID_NUMBER_OF_QUEUES
                         | FID_INTERRUPT_COALESCING
                         | FID_ASYNC_EVENT_CONFIG
+                        | FID_INTERRUPT_VECTOR_CONFIG
+                        | FID_WRITE_ATOMICITY_NORMAL
                 ) || (fid == FID_VOLATILE_WRITE_CACHE
                     && self.config.volatile_write_cache);
+                if fid == FID_ERROR_RECOVERY {
+                    return Ok(FEATURE_CHANGEABLE | FEATURE_NAMESPACE_SPECIFIC);
+                }
                 return if supported {
                     Ok(FEATURE_CHANGEABLE)
                 } else {
@@ -695,6 +739,22 @@ impl NvmeController {
             FID_NUMBER_OF_QUEUES => Ok(self.number_of_queues_result(&features)),
             FID_INTERRUPT_COALESCING => Ok(features.interrupt_coalescing),
             FID_ASYNC_EVENT_CONFIG => Ok(features.async_event_config),
+            FID_ERROR_RECOVERY => {
+                let nsid = command.namespace_id();
+                if !self.is_active_namespace(nsid) {
+                    return Err(Status::INVALID_NAMESPACE);
+                }
+                Ok(features.error_recovery)
+            }
+            FID_INTERRUPT_VECTOR_CONFIG => {
+                let vector = command.cdw(11) & 0xFFFF;
+                let disabled = features
+                    .coalescing_disabled
+                    .get(vector as usize)
+                    .ok_or(Status::INVALID_FIELD)?;
+                Ok(vector | u32::from(*disabled) << 16)
+            }
+            FID_WRITE_ATOMICITY_NORMAL => Ok(features.write_atomicity_normal),
             _ => Err(Status::INVALID_FIELD),
         }
     }

@@ -453,7 +453,7 @@ fn other_features() {
             .build(),
     );
     assert_eq!(save.status, Status::FEATURE_NOT_SAVEABLE);
-    assert_eq!(driver.set_feature(0x05, 0).status, Status::INVALID_FIELD);
+    assert_eq!(driver.set_feature(0x0C, 0).status, Status::INVALID_FIELD);
     assert_eq!(driver.get_feature(0x7F, 0).status, Status::INVALID_FIELD);
     assert_eq!(driver.get_feature(0x7F, 3).status, Status::INVALID_FIELD);
     assert_eq!(
@@ -465,6 +465,84 @@ fn other_features() {
     assert!(driver.enable(16, 16));
     assert_eq!(driver.get_feature(FID_VOLATILE_WRITE_CACHE, 0).result, 1);
     assert_eq!(driver.get_feature(FID_INTERRUPT_COALESCING, 0).result, 0);
+}
+
+/// The features NVMe 1.4 makes mandatory for an I/O controller beside the others: Error
+/// Recovery (per namespace), Interrupt Vector Configuration (per vector, PCIe), Write
+/// Atomicity Normal. nvme-cli's get-feature found them answered with Invalid Field.
+#[test]
+fn error_recovery_interrupt_vector_config_and_write_atomicity() {
+    let mut driver = enabled(config());
+    let get_ns = |driver: &mut TestDriver, nsid: u32| {
+        driver.admin(
+            command(OPC_GET_FEATURES)
+                .cdw(10, u32::from(FID_ERROR_RECOVERY))
+                .nsid(nsid)
+                .build(),
+        )
+    };
+    assert_eq!(get_ns(&mut driver, 1).status, Status::SUCCESS);
+    assert_eq!(get_ns(&mut driver, 1).result, 0);
+    assert_eq!(get_ns(&mut driver, 9).status, Status::INVALID_NAMESPACE);
+    let set = |driver: &mut TestDriver, nsid: u32, value: u32| {
+        driver
+            .admin(
+                command(OPC_SET_FEATURES)
+                    .cdw(10, u32::from(FID_ERROR_RECOVERY))
+                    .cdw(11, value)
+                    .nsid(nsid)
+                    .build(),
+            )
+            .status
+    };
+    assert_eq!(set(&mut driver, 2, 30), Status::SUCCESS);
+    assert_eq!(get_ns(&mut driver, 2).result, 30);
+    assert_eq!(
+        set(&mut driver, 1, 1 << 16),
+        Status::INVALID_FIELD,
+        "no DULBE"
+    );
+    assert_eq!(set(&mut driver, 7, 1), Status::INVALID_NAMESPACE);
+    assert_eq!(
+        driver.get_feature(FID_ERROR_RECOVERY, 3).result,
+        0b110,
+        "changeable, namespace specific"
+    );
+    // Interrupt vector configuration: per vector, within the MSI-X table.
+    let vectors = u32::from(config().interrupt_vectors);
+    let get_iv = |driver: &mut TestDriver, vector: u32| {
+        driver.admin(
+            command(OPC_GET_FEATURES)
+                .cdw(10, u32::from(FID_INTERRUPT_VECTOR_CONFIG))
+                .cdw(11, vector)
+                .build(),
+        )
+    };
+    assert_eq!(get_iv(&mut driver, 1).result, 1);
+    let cqe = driver.set_feature(FID_INTERRUPT_VECTOR_CONFIG, 1 << 16 | 1);
+    assert_eq!(cqe.status, Status::SUCCESS);
+    assert_eq!(get_iv(&mut driver, 1).result, 1 << 16 | 1);
+    assert_eq!(get_iv(&mut driver, 0).result, 0);
+    assert_eq!(get_iv(&mut driver, vectors).status, Status::INVALID_FIELD);
+    assert_eq!(
+        driver
+            .set_feature(FID_INTERRUPT_VECTOR_CONFIG, vectors)
+            .status,
+        Status::INVALID_FIELD
+    );
+    // Write atomicity normal: bit 0 only.
+    assert_eq!(driver.get_feature(FID_WRITE_ATOMICITY_NORMAL, 0).result, 0);
+    assert_eq!(
+        driver.set_feature(FID_WRITE_ATOMICITY_NORMAL, 0xFF).status,
+        Status::SUCCESS
+    );
+    assert_eq!(driver.get_feature(FID_WRITE_ATOMICITY_NORMAL, 0).result, 1);
+    assert_eq!(driver.get_feature(FID_WRITE_ATOMICITY_NORMAL, 1).result, 0);
+    // A reset restores the defaults.
+    driver.disable();
+    assert!(driver.enable(16, 16));
+    assert_eq!(get_iv(&mut driver, 1).result, 1);
+    assert_eq!(get_ns(&mut driver, 2).result, 0);
 }
 
 #[test]
